@@ -1,0 +1,34 @@
+"""mini: the library of the book.
+
+Each part of the book has its method here, next to the kernels and helpers every part shares:
+
+- :mod:`mini.kernels`: one way to write, dispatch, test and benchmark a Triton kernel.
+- :mod:`mini.cogo`: Part I, composing global optimizers for modular addition (Tian, 2024).
+
+``import mini`` works where triton is not installed: every kernel has a PyTorch reference.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, torch, triton (or ``"not installed"``) and mini, for a lab's printout."""
+    import platform
+
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # macOS, or a user environment without triton
+        triton_version = "not installed"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "mini": __version__,
+    }
