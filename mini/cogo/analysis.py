@@ -1,0 +1,343 @@
+"""Read a trained network as a sum of per-frequency blocks and name their factorizations.
+
+Paper: Yuandong Tian, "Composing Global Optimizers to Reasoning Tasks via Algebraic Objects in
+Neural Nets", 2024, arXiv:2410.01779 (the experiments section and its factorization table: gradient descent finds
+order-4 blocks z_4c·z_ξ and order-6 blocks z_ν·z_syn, z_4c·z_syn,αβ). The book's chapter
+``book/cogo/theory.ipynb`` (Part I, CoGO theory) explains the procedure; the Part I lab applies
+it to trained networks.
+
+Procedure (the official analysis, facebookresearch/luckmatters ssl/real-dataset/cogo/
+factorize_sol.py at e76471a):
+
+1. Node frequency. With the 1/d-normalised coefficients ``z_{a,k,j}`` of
+   :func:`mini.cogo.fourier.coefficients`, node j's frequency is
+   ``argmax_{k = 0 … (d−1)/2} |z_{a,k,j}|`` (frequency 0 is considered; such nodes are counted
+   in ``n_freq0`` and belong to no block). The node is dead, and dropped, when that maximum is
+   ``<= threshold`` (default 0.05, the official value; it is an absolute magnitude of z_a, so it
+   assumes the scale of a trained or constructed network, not of arbitrary rescalings).
+2. The order of frequency k is the number of live nodes assigned to it. For order 4 or 6 the
+   block ``F = [A_k; B_k; C_k]`` (3 × q_k, the +k coefficients of a, b, c) is tested for a
+   Khatri–Rao factorization into a 2-node and a q_k/2-node factor: nodes are split into q_k/2
+   ordered pairs (first, second); per row p the ratios ``F[p, second] / F[p, first]`` must be
+   one constant (the 2-node factor ``[1, ρ_p]``). We search every pairing, orientation and,
+   per pair, the node symmetry (a, b, c) → (−a, −b, c) (it flips ρ_a, ρ_b of that pair), and keep
+   the smallest error ``‖ρ − rowmean(ρ)‖_F``. The block factors if that error is
+   ``<= factor_tol · √(3 q_k)``. A block can have several factorizations within tolerance (e.g.
+   z_ν·z_syn at ν = e^{iπ/3}, whose six a-coefficients are all sixth roots of unity, also splits
+   as z_{ν=−1}·(unnamed)); we take, in order of error, the first that is a named type, and the
+   smallest-error one otherwise.
+3. Factor types, after normalising each column by the principal cube root of its product
+   (tolerance ``factor_tol``): 2-node factors are "xi" (c ≈ ±i), "4c" (c ≈ 1, a ≈ ±i), "nu"
+   (a + b ≈ 0); 3-node factors (first column scaled to 1, a node flipped when Re a > 0, the
+   whole factor conjugated when Im c₁ < 0) are "syn" (both columns ≈ ω₃·1 and ω̄₃·1) or
+   "syn_ab" (c ≈ [ω₃, ω̄₃]). Block types: "4c·xi", "nu·syn", "4c·syn_ab" (which includes
+   4c·syn, as the official tally does), "other" (factorable, unnamed), "not factorable", and
+   "order n" for blocks whose order is not 4 or 6.
+
+Differences from the official code: the official search permutes nodes to match only the c-row
+ratios and then fixes signs with a 0.2 threshold; we minimise the full 3-row ratio error jointly
+over pairings, orientations and sign flips (never worse, and deterministic). We also report
+β = a₂/ω̄₃ (the official divides by ω₃ for both α and β).
+"""
+from __future__ import annotations
+
+import cmath
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .fourier import coefficients
+from .model import check_d, check_weights
+
+__all__ = [
+    "NAMED_TYPES",
+    "Analysis",
+    "factorize_block",
+    "classify_factor",
+    "analyze",
+    "analyze_batch",
+    "pooled_summary",
+]
+
+NAMED_TYPES = ("4c·xi", "nu·syn", "4c·syn_ab")
+_W3 = cmath.exp(2j * math.pi / 3)
+
+
+@dataclass
+class Analysis:
+    """Result of :func:`analyze` for one network.
+
+    ``orders[k]`` is the number of live nodes on frequency k (k = 1 … (d−1)/2, 0 included);
+    ``types[k]`` the block type ("empty" when the order is 0); ``errors[k]`` the factorization
+    error of order-4/6 blocks (of the chosen factorization; the smallest one when none fits); ``params[k]`` the factor names and parameters of factorable
+    blocks; ``assignment[j]`` node j's frequency (0 … (d−1)/2) or −1 when dead.
+    """
+
+    d: int
+    q: int
+    threshold: float
+    factor_tol: float
+    assignment: list[int]
+    orders: dict[int, int]
+    types: dict[int, str]
+    errors: dict[int, float] = field(default_factory=dict)
+    params: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def n_dead(self) -> int:
+        """Nodes whose largest |z_a| is at most the threshold."""
+        return sum(1 for k in self.assignment if k < 0)
+
+    @property
+    def n_freq0(self) -> int:
+        """Live nodes whose largest |z_a| is at frequency 0 (belong to no block)."""
+        return sum(1 for k in self.assignment if k == 0)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of frequencies of each block type (live frequencies only)."""
+        return dict(Counter(t for t in self.types.values() if t != "empty"))
+
+    @property
+    def order_hist(self) -> dict[int, int]:
+        """Number of frequencies of each order, over k = 1 … (d−1)/2 (order 0 included)."""
+        return dict(sorted(Counter(self.orders.values()).items()))
+
+    def _n46(self) -> tuple[int, int]:
+        blocks = [k for k, o in self.orders.items() if o in (4, 6)]
+        fact = [k for k in blocks if self.types[k] != "not factorable"]
+        return len(fact), len(blocks)
+
+    @property
+    def share_factorable_46(self) -> float:
+        """Share of order-4 and order-6 frequencies whose block factors (nan when there are none)."""
+        f, n = self._n46()
+        return f / n if n else float("nan")
+
+    @property
+    def share_named(self) -> float:
+        """Share of live frequencies whose block is one of NAMED_TYPES (nan when none is live)."""
+        live = [t for t in self.types.values() if t != "empty"]
+        return sum(t in NAMED_TYPES for t in live) / len(live) if live else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        """Plain dict of the counts and shares (for tables and printing)."""
+        return {
+            "d": self.d,
+            "q": self.q,
+            "n_live": self.q - self.n_dead,
+            "n_dead": self.n_dead,
+            "n_freq0": self.n_freq0,
+            "order_hist": self.order_hist,
+            "counts": self.counts,
+            "share_factorable_46": self.share_factorable_46,
+            "share_named": self.share_named,
+        }
+
+
+def _cube_root_normalise(A: np.ndarray) -> np.ndarray:
+    p = A.prod(axis=0, keepdims=True)  # (1, n)
+    return A / np.power(p.astype(np.complex128), 1.0 / 3.0)
+
+
+def classify_factor(A: np.ndarray, tol: float = 0.1) -> tuple[str, dict[str, complex]]:
+    """Name a 2- or 3-node factor ``A`` (3 × n, first column ones): see the module docstring.
+
+    Returns ``(name, params)`` with name in {"xi", "4c", "nu", "syn", "syn_ab", "unknown"}.
+    """
+    A = np.array(A, dtype=np.complex128)
+    if A.ndim != 2 or A.shape[0] != 3 or A.shape[1] not in (2, 3):
+        raise ValueError(f"A must have shape (3, 2) or (3, 3), got {A.shape}")
+    if not np.all(np.isfinite(A)) or np.any(A.prod(axis=0) == 0):
+        return "unknown", {}
+    A = _cube_root_normalise(A)
+    if A.shape[1] == 2:
+        a, b, c = A[:, 1]
+        if abs(c - 1j) < tol or abs(c + 1j) < tol:
+            return "xi", {"xi": complex(a)}
+        if abs(c - 1) < tol and (abs(a - 1j) < tol or abs(a + 1j) < tol):
+            return "4c", {"nu": complex(a)}
+        if abs(a + b) < tol:
+            return "nu", {"nu": complex(a)}
+        return "unknown", {}
+    for i in (1, 2):
+        if A[0, i].real > 0:
+            A[:2, i] *= -1  # the node symmetry (a, b, c) -> (-a, -b, c)
+    if A[2, 1].imag < 0:
+        A = A.conj()
+    w = _W3
+    if (np.linalg.norm(A[:, 1] - w) < tol * math.sqrt(3)
+            and np.linalg.norm(A[:, 2] - w.conjugate()) < tol * math.sqrt(3)):
+        return "syn", {}
+    if abs(A[2, 1] - w) < tol and abs(A[2, 2] - w.conjugate()) < tol:
+        return "syn_ab", {"alpha": complex(A[0, 1] / w), "beta": complex(A[0, 2] / w.conjugate())}
+    return "unknown", {}
+
+
+def _matchings(items: tuple[int, ...]) -> list[list[tuple[int, int]]]:
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for i, other in enumerate(rest):
+        for m in _matchings(rest[:i] + rest[i + 1:]):
+            out.append([(first, other)] + m)
+    return out
+
+
+def _candidates(F: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Errors of every (pairing, orientation, sign) candidate, ascending, and a lazy factor builder."""
+    F = np.asarray(F, dtype=np.complex128)
+    if F.ndim != 2 or F.shape[0] != 3 or F.shape[1] < 2 or F.shape[1] % 2:
+        raise ValueError(f"F must have shape (3, q) with q even and >= 2, got {F.shape}")
+    q = F.shape[1]
+    h = q // 2
+    firsts, seconds = [], []
+    for m in _matchings(tuple(range(q))):
+        for orient in itertools.product((0, 1), repeat=h):
+            firsts.append([p[o] for p, o in zip(m, orient)])
+            seconds.append([p[1 - o] for p, o in zip(m, orient)])
+    fi, se = np.array(firsts), np.array(seconds)  # (M, h)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = F[:, se] / F[:, fi]  # (3, M, h)
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=h)))  # (S, h)
+        rs = np.broadcast_to(ratio[:, :, None, :], (3, ratio.shape[1], len(signs), h)).copy()
+        rs[:2] *= signs[None, None]  # flip rho_a, rho_b per pair: (a, b, c) -> (-a, -b, c)
+        dev = rs - rs.mean(axis=-1, keepdims=True)
+        err = np.sqrt((np.abs(dev) ** 2).sum(axis=(0, 3)))  # (M, S)
+    err = np.where(np.isfinite(err), err, np.inf).ravel()
+    order = np.argsort(err, kind="stable")
+
+    def build(flat: int) -> tuple[np.ndarray, np.ndarray]:
+        mi, si = np.unravel_index(int(flat), (len(fi), len(signs)))
+        rho = rs[:, mi, si].mean(axis=-1)  # (3,)
+        X = np.stack([np.ones(3, dtype=np.complex128), rho], axis=1)  # (3, 2)
+        sec1 = F[:, fi[mi]]  # (3, h)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            Y = sec1 / sec1[:, :1]  # (3, h), first column ones
+        return X, Y
+
+    return err[order], [(int(i), build) for i in order]  # type: ignore[misc]
+
+
+def factorize_block(F: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Best Khatri–Rao factorization of a 3 × q block (q even) into 2-node and q/2-node factors.
+
+    Returns ``(err, X, Y)``: the smallest ratio error, the 2-node factor ``X = [1, ρ]`` (3 × 2)
+    and the q/2-node factor ``Y`` (3 × q/2, first column ones). Searches pairings, orientations
+    and per-pair sign flips (a, b, c) → (−a, −b, c).
+    """
+    errs, cands = _candidates(F)
+    flat, build = cands[0]
+    X, Y = build(flat)
+    return float(errs[0]), X, Y
+
+
+def _block_type(q: int, n1: str, n2: str) -> str:
+    names = tuple(sorted((n1, n2)))
+    if q == 4 and names == ("4c", "xi"):
+        return "4c·xi"
+    if q == 6 and names == ("nu", "syn"):
+        return "nu·syn"
+    if q == 6 and names in (("4c", "syn"), ("4c", "syn_ab")):
+        return "4c·syn_ab"
+    return "other"
+
+
+def analyze(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol: float = 0.1) -> Analysis:
+    """Assign nodes to frequencies, count orders, factor and name order-4/6 blocks (odd d >= 3)."""
+    q, d = check_weights(Wa, Wb, Wc)
+    check_d(d, odd=True)
+    for v, n in ((threshold, "threshold"), (factor_tol, "factor_tol")):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{n} must be a positive finite number, got {v!r}")
+    za, zb, zc = (z.numpy() for z in coefficients(Wa, Wb, Wc))  # (d, q) each
+    half = (d - 1) // 2
+    mag = np.abs(za[: half + 1])  # (half+1, q)
+    if q:
+        kbest, mbest = mag.argmax(axis=0), mag.max(axis=0)
+        assignment = [int(k) if m > threshold else -1 for k, m in zip(kbest, mbest)]
+    else:
+        assignment = []
+    orders, types, errors, params = {}, {}, {}, {}
+    for k in range(1, half + 1):
+        idx = [j for j, kk in enumerate(assignment) if kk == k]
+        qk = len(idx)
+        orders[k] = qk
+        if qk == 0:
+            types[k] = "empty"
+            continue
+        if qk not in (4, 6):
+            types[k] = f"order {qk}"
+            continue
+        F = np.stack([za[k, idx], zb[k, idx], zc[k, idx]])  # (3, qk)
+        errs, cands = _candidates(F)
+        limit = factor_tol * math.sqrt(3 * qk)
+        errors[k] = float(errs[0])
+        if not errs[0] <= limit:
+            types[k] = "not factorable"
+            continue
+        chosen = None
+        for e, (flat, build) in zip(errs, cands):
+            if e > limit:
+                break
+            X, Y = build(flat)
+            n1, p1 = classify_factor(X, factor_tol)
+            n2, p2 = classify_factor(Y, factor_tol)
+            t = _block_type(qk, n1, n2)
+            if chosen is None or t in NAMED_TYPES:
+                chosen = (t, float(e), n1, n2, p1, p2)
+            if t in NAMED_TYPES:
+                break
+        t, e, n1, n2, p1, p2 = chosen  # type: ignore[misc]
+        types[k] = t
+        errors[k] = e
+        params[k] = {"factors": tuple(sorted((n1, n2))), **p1, **p2}
+    return Analysis(d, q, float(threshold), float(factor_tol), assignment, orders, types, errors, params)
+
+
+def analyze_batch(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol: float = 0.1) -> list[Analysis]:
+    """:func:`analyze` for a stack of S networks: ``Wa, Wb`` (S, q, d), ``Wc`` (S, d, q)."""
+    ws = []
+    for w, n in zip((Wa, Wb, Wc), ("Wa", "Wb", "Wc")):
+        if isinstance(w, np.ndarray):
+            w = torch.from_numpy(np.asarray(w, dtype=np.float64))
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{n} must be a torch.Tensor or numpy.ndarray, got {type(w).__name__}")
+        if w.dim() != 3:
+            raise ValueError(f"{n} must be 3-D (S, ...) for analyze_batch, got shape {tuple(w.shape)}")
+        ws.append(w.detach().cpu())
+    if not (ws[0].shape[0] == ws[1].shape[0] == ws[2].shape[0]):
+        raise ValueError(f"Wa, Wb, Wc must share the batch size S, got {[w.shape[0] for w in ws]}")
+    return [analyze(ws[0][s], ws[1][s], ws[2][s], threshold, factor_tol) for s in range(ws[0].shape[0])]
+
+
+def pooled_summary(analyses: list[Analysis]) -> dict[str, Any]:
+    """Pool analyses (e.g. over seeds): order histogram and type counts summed, shares of the totals."""
+    if not analyses or not all(isinstance(a, Analysis) for a in analyses):
+        raise TypeError("analyses must be a non-empty list of Analysis")
+    hist: Counter = Counter()
+    counts: Counter = Counter()
+    f46 = n46 = named = live = 0
+    for a in analyses:
+        hist.update(a.order_hist)
+        counts.update(a.counts)
+        f, n = a._n46()
+        f46, n46 = f46 + f, n46 + n
+        lv = [t for t in a.types.values() if t != "empty"]
+        live += len(lv)
+        named += sum(t in NAMED_TYPES for t in lv)
+    return {
+        "n_networks": len(analyses),
+        "d": sorted({a.d for a in analyses}),
+        "order_hist": dict(sorted(hist.items())),
+        "counts": dict(counts),
+        "n_dead": sum(a.n_dead for a in analyses),
+        "share_factorable_46": f46 / n46 if n46 else float("nan"),
+        "share_named": named / live if live else float("nan"),
+    }
