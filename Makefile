@@ -49,8 +49,7 @@ test-notebooks: venv
 execute: venv
 	@for nb in $$(find book labs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | sort); do \
 	  echo ">> executing $$nb"; start=$$(date +%s); \
-	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=900 --ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+	  $(BIN)/jupyter execute --inplace --timeout=900 --kernel_name=python3 "$$nb" || exit 1; \
 	  echo "   $$(( $$(date +%s) - start )) s"; \
 	done
 

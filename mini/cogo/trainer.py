@@ -211,7 +211,7 @@ def evaluate(Wa: torch.Tensor, Wb: torch.Tensor, Wc: torch.Tensor, mask: torch.T
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=desc, leave=False, mininterval=0.5)
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False, mininterval=2.0)
 
 
 def _log_steps(config: TrainConfig) -> set[int]:
@@ -253,7 +253,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
         hist["step"].append(step)
         for k in ("train_loss", "train_acc", "test_acc"):
             hist[k].append(ev[k])
-        bar.set_postfix(loss=f"{float(np.mean(ev['train_loss'])):.3g}", acc=f"{float(np.mean(ev['train_acc'])):.3f}")
+        bar.set_postfix(loss=f"{float(np.mean(ev['train_loss'])):.3g}", acc=f"{float(np.mean(ev['train_acc'])):.3f}", refresh=False)
 
     bar = _progress(config.steps, config.progress, f"cogo d={config.d} q={config.q} S={config.seeds}")
     t0 = time.perf_counter()
