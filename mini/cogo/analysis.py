@@ -90,12 +90,12 @@ class Analysis:
 
     @property
     def n_dead(self) -> int:
-        """Nodes whose largest |z_a| is at most the threshold."""
+        """Nodes whose largest ``|z_a|`` is at most the threshold."""
         return sum(1 for k in self.assignment if k < 0)
 
     @property
     def n_freq0(self) -> int:
-        """Live nodes whose largest |z_a| is at frequency 0 (belong to no block)."""
+        """Live nodes whose largest ``|z_a|`` is at frequency 0 (belong to no block)."""
         return sum(1 for k in self.assignment if k == 0)
 
     @property

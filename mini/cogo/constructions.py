@@ -24,16 +24,16 @@ Global constructions (odd d >= 3, blocks on k = 1 … (d−1)/2, each block scal
 - ``"F6_ab"``: Σ_k z_4c·z_syn,αβ, 3(d−1) nodes, α = e^{0.5i}, β = e^{−i} by default. Zero loss.
 - ``"F4"``: Σ_k z_4c·z_ξ, 2(d−1) nodes, ξ = e^{iπ/6} by default (generic: at ξ = e^{iπ/4}, z_ξ
   coincides with z_ν at ν = e^{iπ/4}, since then −iξ̄ = −ξ and −ξ⁻² = i). NOT global: everything vanishes except R_n.
-  Per node |a| = |b| = λ and Σ_nodes c = λ(1+1)(1+i), so Σ(|a|²+|b|²)c = 4λ³(1+i) = (1+i)/(2d)
-  and the m = 0 term is S̃ = 2d·2·(1+i)/(2d) = 2(1+i), ¼|S̃|² = 2. Hence ℓ_k = −2 + 1 + 2 = 1 for
+  Per node ``|a| = |b| = λ`` and ``Σ_nodes c = λ(1+1)(1+i)``, so ``Σ(|a|²+|b|²)c = 4λ³(1+i) = (1+i)/(2d)``
+  and the m = 0 term is S̃ = 2d·2·(1+i)/(2d) = 2(1+i), ``¼|S̃|² = 2``. Hence ℓ_k = −2 + 1 + 2 = 1 for
   every k ≠ 0 and ``ℓ = (d−1)/d + (d−1)/d = 2(d−1)/d``, twice the zero network's (d−1)/d.
 - ``"F4/6"``: order-4 blocks z_4c·z_ξ on every k ≠ k0 ((d−3)/2 of them) and one order-6 block
   z_ν·z_syn at k0 (default 1), whose output weights get extra coefficients ``x_k ∈ C⁶`` at each
   other frequency k solving the 9×6 linear system: the 8 bilinear forms ``Σ_j v_j x_j`` with
   v ∈ {ab, āb, ab̄, āb̄, a², b², ā², b̄²} (coefficients at k0) vanish, so no off-diagonal r̃ or
-  R* term appears at output k; and ``Σ_j (|a_j|²+|b_j|²) x_j = −Σ_{block k}(|a|²+|b|²)c``
+  ``R*`` term appears at output k; and ``Σ_j (|a_j|²+|b_j|²) x_j = −Σ_{block k}(|a|²+|b|²)c``
   cancels the order-4 block's R_n residual. For z_ν·z_syn the first 8 forms span
-  C²⊗s ⊕ C²⊗s̄ ⊕ [1,−1]⊗1 (s = [1, ω₃, ω₃²]) while |a|²+|b|² = 2λ²·1, so the solution is a
+  C²⊗s ⊕ C²⊗s̄ ⊕ [1,−1]⊗1 (s = [1, ω₃, ω₃²]) while ``|a|²+|b|² = 2λ²·1``, so the solution is a
   constant over the 6 nodes. 2d nodes, zero loss. At d = 3 there is no other frequency: F4/6
   is then the single order-6 block, i.e. F6 (6 = 2d nodes); we return it and say so here.
 - :func:`memorization`: d² nodes, node (a0, b0) reads ``[a = a0] + [b = b0]`` and writes
@@ -182,7 +182,7 @@ def _check_name(name: Any) -> None:
 def construct(name: str, d: int, **params: Any) -> Weights:
     """Weights ``(Wa, Wb, Wc)`` (float64) of a named construction for odd ``d >= 3``.
 
-    ``name`` in :data:`CONSTRUCTIONS`; ``params`` may override ``nu``, ``alpha``, ``beta``,
+    ``name`` in ``CONSTRUCTIONS``; ``params`` may override ``nu``, ``alpha``, ``beta``,
     ``xi`` (unit complex numbers) and, for ``"F4/6"``, ``k0`` (the order-6 frequency, default 1).
     ``"F4"`` is deliberately not global (loss 2(d−1)/d); the others have zero loss.
     """

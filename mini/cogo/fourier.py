@@ -26,7 +26,7 @@ Derivation of the decomposition. Expanding ``h² = (Σ z_a ω^{k1 a} + Σ z_b ω
 while the target ``e_{a+b}`` has ``(1/d) ω^{k(a+b)}``. ``P⊥`` removes k = 0; Parseval over g
 (factor d) and over the d×d grid of (a, b) (mean = sum of squared 2-D coefficients) give, when
 ``z_{a,0} = z_{b,0} = 0`` (so that ``r_{m,0,k} = r_{0,m,k} = 0`` and the 2-D coefficients at
-(m, 0) and (0, m) are S_a and S_b alone),
+(m, 0) and (0, m) are S_a and S_b alone)::
 
     ℓ = d⁻¹ Σ_{k≠0} ℓ_k + (d−1)/d,
     ℓ_k = −2 Re r̃_{kkk} + Σ_{k1,k2≠0} |r̃_{k1k2k}|² + ¼ Σ_{m≠0} Σ_p |S̃_{p,m,k}|² + ¼ |S̃_{a,0,k} + S̃_{b,0,k}|²
@@ -202,9 +202,9 @@ def loss_from_potentials(pots: dict[str, torch.Tensor]) -> torch.Tensor:
 def sufficient_conditions(Wa: Any, Wb: Any, Wc: Any, atol: float = 1e-8) -> dict[str, Any]:
     """Max violation of each sufficient condition for zero loss, and whether it holds.
 
-    Keys: ``"diag"`` max_k |r̃_kkk − 1|; ``"off_diag"`` max |r̃_{k1k2k}| over (k1, k2) ≠ (k, k),
-    k1, k2 ≠ 0; ``"R_star"`` max |Σ_k' r̃_{p,k',m−k',k}| over p, m ≠ 0; ``"R_n"``
-    max |Σ_p Σ_k' r̃_{p,k',−k',k}| (all over k ≠ 0); ``"ok_<name>"`` each ``<= atol``; ``"ok"``
+    Keys: ``"diag"`` ``max_k |r̃_kkk − 1|``; ``"off_diag"`` ``max |r̃_{k1k2k}|`` over (k1, k2) ≠ (k, k),
+    k1, k2 ≠ 0; ``"R_star"`` ``max |Σ_k' r̃_{p,k',m−k',k}|`` over p, m ≠ 0; ``"R_n"``
+    ``max |Σ_p Σ_k' r̃_{p,k',−k',k}|`` (all over k ≠ 0); ``"ok_<name>"`` each ``<= atol``; ``"ok"``
     all of them. ``"centred"`` says whether ``z_{a,0} = z_{b,0} = 0`` (to atol).
     """
     if not isinstance(atol, (int, float)) or isinstance(atol, bool) or atol < 0:

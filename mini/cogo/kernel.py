@@ -43,6 +43,7 @@ The Triton kernel: two launches, no atomics, deterministic
    recomputes h for its columns, ``dh = 2 h ⊙ (G[s, a] @ Wc_tile)``, writes the column sum
    ``dWa[j, a]`` directly, and accumulates ``dWb`` (Σ over a) and ``dWc += G[s, a]ᵀ @ h²`` in
    registers, written once at the end.
+
 Every output element has exactly one writer, so there are no atomics and the result is
 bit-for-bit reproducible (a single-seed run equals the same seed inside a batch). The one-kernel
 alternative (program per (s, a) with atomic adds into dWb and dWc) makes d programs contend on

@@ -83,7 +83,7 @@ class TrainConfig:
     device: str = "cpu"  #: "cpu" or "cuda"
     progress: bool = True  #: show a tqdm progress bar
     log_every: int = 100  #: record loss and accuracies every this many steps (and at the end)
-    backend: str = "auto"  #: kernel backend of fused_loss_and_grads ("auto": Triton on CUDA)
+    backend: str = "auto"  #: the backend of the gradient kernel, "auto" (Triton on CUDA), "triton", "interpret" or "reference"
 
     def __post_init__(self) -> None:
         self.validate()

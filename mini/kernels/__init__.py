@@ -1,9 +1,9 @@
 """The hall every kernel of the book uses.
 
-- :mod:`mini.kernels.dispatch`: :class:`KernelOp`, one kernel with three backends (compiled
+- :mod:`mini.kernels.dispatch`: :class:`~mini.kernels.dispatch.KernelOp`, one kernel with three backends (compiled
   Triton on CUDA, the Triton interpreter, a PyTorch reference), ``use_backend`` and
   ``$MINI_BACKEND``, and the argument checks of a wrapper's boundary.
-- :mod:`mini.kernels.testing`: :func:`check_against_reference`, kernel vs reference on random
+- :mod:`mini.kernels.testing`: :func:`~mini.kernels.testing.check_against_reference`, kernel vs reference on random
   inputs with poisoned outputs.
 - :mod:`mini.kernels.bench`: ``time_op``, ``device_info``, ``measured_ceiling``, ``write_result``.
 

@@ -44,7 +44,7 @@ helpers (``tl.zeros``, ``tl.sum``, ``tl.max``, ...) once, when ``triton`` is imp
 that imported triton without that variable holds compiled ``JITFunction`` objects everywhere. To
 interpret one of them anyway, :func:`interpreted` builds (once, cached) a
 ``triton.runtime.interpreter.InterpretedFunction`` from the jit function's Python source
-``kernel.fn``, and the launch runs inside :func:`_interpreter_scope`, which for its duration sets
+``kernel.fn``, and the launch runs inside ``_interpreter_scope()``, which for its duration sets
 ``TRITON_INTERPRET=1`` and replaces every ``JITFunction`` attribute of the ``triton.language``
 modules by an interpreted twin; everything under ``triton.language`` is snapshotted before and
 restored after (the interpreter's own patches of ``tl`` builtins included), so compiled kernels
