@@ -8,7 +8,6 @@ STAMP := $(VENV)/.requirements.sha256
 REQ_HASH := $(shell sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 # Two cores: one torch process at a time, using both (see the README on threads).
 export PYTHONHASHSEED := 0
-export MPLBACKEND := Agg
 
 .PHONY: venv book test test-unit test-notebooks execute links check-links bench clean help
 
@@ -32,7 +31,7 @@ venv:
 # Execute every notebook each time (execute_notebooks: force in _config.yml): Jupyter Book's
 # cache keys on cells only, not on mini/, so a cached page could show what old code printed.
 book: venv check-links
-	rm -rf _build/html
+	rm -rf _build  # doctrees too: Sphinx would otherwise reuse old outputs of unchanged notebooks
 	$(BIN)/jupyter-book build . -W -n --keep-going --builder html
 	@echo ">> site: _build/html/index.html"
 
