@@ -32,7 +32,10 @@ def poisoned_like(t: torch.Tensor, poison: float = float("nan")) -> torch.Tensor
         return torch.full_like(t, poison)
     if t.dtype == torch.bool:
         return torch.zeros_like(t)  # no spare value; rely on the reference holding some True
-    return torch.full_like(t, SENTINEL_INT)
+    info = torch.iinfo(t.dtype)
+    if info.min <= SENTINEL_INT <= info.max:
+        return torch.full_like(t, SENTINEL_INT)
+    return torch.full_like(t, info.max)  # uint8 and friends: the largest value is the sentinel
 
 
 def _accepts_out(fn: Any) -> bool:

@@ -1,0 +1,36 @@
+"""mini.galore: GaLore, memory-efficient training by gradient low-rank projection.
+
+Part II, GaLore chapter (``book/galore/``). Zhao et al., "GaLore: Memory-Efficient LLM Training by
+Gradient Low-Rank Projection", ICML 2024, arXiv 2403.03507. A gradient G (m, n) is projected onto
+the span of its top-r singular vectors (recomputed every T steps), Adam runs on the r-dimensional
+projection, and the update is projected back with a scale α::
+
+    R = Pᵀ G  or  G Pᵀ,   N = Adam(R),   W ← W − η α · (P N  or  N P)
+
+- :class:`GaLoreProjector` (:mod:`mini.galore.projector`): the SVD basis, projection types
+  std / reverse_std / left / right / full, state as tensors.
+- :class:`GaLoreAdamW` (:mod:`mini.galore.adamw`): a drop-in for galore-torch's optimizer.
+- :class:`GaLoreAdamW8bit` (:mod:`mini.galore.adamw8bit`): the same with 8-bit blockwise moments.
+- :func:`galore_param_groups` (:mod:`mini.galore.groups`): the Hugging Face Trainer convention.
+- :func:`attach_layerwise_updates` (:mod:`mini.galore.layerwise`): per-layer weight updates from
+  gradient hooks (single process).
+"""
+from __future__ import annotations
+
+from .adamw import GALORE_GROUP_DEFAULTS, GaLoreAdamW
+from .adamw8bit import GaLoreAdamW8bit
+from .groups import GaLoreConfig, galore_param_groups
+from .layerwise import LayerwiseHandle, attach_layerwise_updates
+from .projector import PROJ_TYPES, GaLoreProjector
+
+__all__ = [
+    "GaLoreProjector",
+    "PROJ_TYPES",
+    "GaLoreAdamW",
+    "GALORE_GROUP_DEFAULTS",
+    "GaLoreAdamW8bit",
+    "GaLoreConfig",
+    "galore_param_groups",
+    "attach_layerwise_updates",
+    "LayerwiseHandle",
+]

@@ -1,0 +1,327 @@
+"""GaLoreAdamW: Adam in a rank-r gradient subspace, a drop-in for galore-torch's GaLoreAdamW.
+
+Part II, GaLore chapter (``book/galore/``). Zhao et al., "GaLore: Memory-Efficient LLM Training
+by Gradient Low-Rank Projection", ICML 2024, arXiv 2403.03507, Algorithm 2.
+
+The update (one projected parameter W (m, n), step t = 1, 2, …)
+--------------------------------------------------------------
+With the projector of :mod:`mini.galore.projector` (basis P refreshed by an SVD of the gradient
+whenever ``(t − 1) mod T = 0``)::
+
+    R_t = project(G_t)                      # G Pᵀ (m, r) or Pᵀ G (r, n)         Eq. (7)
+    M_t = β1 M_{t−1} + (1 − β1) R_t
+    V_t = β2 V_{t−1} + (1 − β2) R_t²
+    N_t = M_t / (√V_t + ε)                                                        Eq. (8)
+    η_t = lr · √(1 − β2ᵗ) / (1 − β1ᵗ)       # bias correction folded into the step size
+    W_t = W_{t−1} − η_t · α · project_back(N_t)                                  Eq. (9)
+    W_t = W_t − lr · λ · W_t                # decoupled weight decay, after the update
+
+Groups without a ``"rank"`` key run the same Hugging Face-style AdamW without projection. The
+moments of a projected parameter live in the low-rank shape, so their memory is
+r·max(m, n) per moment instead of m·n.
+
+Param groups follow galore-torch: ``[{"params": regular}, {"params": projected, "rank": r,
+"update_proj_gap": T, "scale": α, "proj_type": "std"}]``; replace
+``from galore_torch import GaLoreAdamW`` with ``from mini.galore import GaLoreAdamW``. See
+:func:`mini.galore.groups.galore_param_groups` for the Hugging Face Trainer convention (one rank
+for every targeted matrix).
+
+Differences from galore-torch 1.0 (``galore_torch/adamw.py``) and why
+---------------------------------------------------------------------
+- Same arithmetic, op for op: on CPU in float32 the trajectories agree bitwise
+  (``tests/test_galore.py``).
+- The state holds no Python objects in ``state_dict()``: the projector is saved as a dict of
+  tensors/ints/strings and rebuilt on ``load_state_dict``, so checkpoints load with
+  ``torch.load(weights_only=True)`` and resume bitwise.
+- Inputs are validated when a group is added: the rank must be a positive int, the gap a
+  positive int, the proj_type known, and every parameter of a projected group 2-D (galore-torch
+  fails deep inside the step, or not at all).
+- Missing ``update_proj_gap`` / ``scale`` / ``proj_type`` in a projected group default to
+  200 / 0.25 / "std" (the paper's values; galore-torch raises KeyError).
+- ``project_moments=True`` (off by default, which is galore-torch's behaviour) carries the
+  moments into the new subspace when it switches, see :meth:`GaLoreAdamW.transfer_moments`.
+  galore-torch keeps the old coordinates (stale moments read in a new basis).
+- No deprecation warning, and no dependency on transformers or bitsandbytes.
+
+Carrying the moments across a switch (``project_moments=True``)
+---------------------------------------------------------------
+The first moment M (low-rank coordinates in the old basis) stands for the full matrix
+``back(M)``; its coordinates in the new basis are ``C_l M C_r`` with ``C_r = P_old P_newᵀ`` (right
+side) or ``C_l = P_newᵀ P_old`` (left side), the projection of the old full-space moment onto the
+new subspace (exact when the two subspaces coincide, e.g. at full rank; skipped when the new basis
+is bitwise the old one, where Pᵀ P = I would only add rounding). The second moment is not
+a linear object: it estimates E[R²] per coordinate. If the old coordinates were uncorrelated with
+variances V, a new coordinate ``Σ_j C_jk R_j`` has variance ``Σ_j C_jk² V_j``: so V is carried by
+the *elementwise square* of the rotation, ``(C_l∘C_l) V (C_r∘C_r)``. That is non-negative by
+construction (rotating V by C itself can go negative and would need clamping), exact when C is a
+signed permutation (an unchanged basis up to the SVD's sign choices), and it shrinks V in the
+directions the new subspace did not share with the old one, as M is shrunk.
+
+Extension surface (8-bit GaLore builds on this class)
+-----------------------------------------------------
+``init_state(p, group, state, low_rank_grad)`` creates the moments; ``adam_direction(p, group,
+state, grad)`` updates them and returns N_t (step counter already incremented);
+``transfer_moments(state, projector, old_basis)`` rotates them at a switch; ``make_projector(p,
+group)`` builds a projector (class attribute ``projector_class``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .projector import (
+    GaLoreProjector,
+    check_proj_type,
+    check_rank,
+    check_scale,
+    check_update_proj_gap,
+)
+
+__all__ = ["GaLoreAdamW", "GALORE_GROUP_DEFAULTS"]
+
+#: Defaults for a projected group missing these keys (paper: T = 200, α = 0.25; galore-torch "std").
+GALORE_GROUP_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+
+
+Basis = tuple[Tensor | None, Tensor | None]  # (ortho, ortho_right) of a projector
+
+
+def _same_basis(a: Basis, b: Basis) -> bool:
+    """True when two bases are bitwise equal (nothing to carry: Pᵀ P is I only up to rounding)."""
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b)
+    )
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore's low-rank gradient projection for groups that carry ``"rank"``.
+
+    Args:
+        params: parameters or param groups; a group with ``"rank"`` (and optionally
+            ``"update_proj_gap"``, ``"scale"``, ``"proj_type"``) is projected.
+        lr: learning rate (galore-torch default 1e-3).
+        betas: Adam's (β1, β2) (default (0.9, 0.999)).
+        eps: ε added to √V (galore-torch 1e-6; the paper's text says 1e-8).
+        weight_decay: decoupled weight decay λ, applied after the update (default 0).
+        correct_bias: fold Adam's bias correction into the step size (default True).
+        project_moments: carry the moments into the new subspace at a switch (default False,
+            galore-torch's behaviour).
+        no_deprecation_warning: accepted and ignored (galore-torch's signature; no warning here).
+    """
+
+    projector_class: type[GaLoreProjector] = GaLoreProjector
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        project_moments: bool = False,
+        no_deprecation_warning: bool = True,
+    ) -> None:
+        del no_deprecation_warning  # galore-torch's argument, accepted so its call sites work unchanged
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": bool(correct_bias),
+            "project_moments": bool(project_moments),
+        }
+        self._param_names: dict[int, str] = {}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a projected group (rank, gap, scale, proj_type, 2-D parameters), then add it."""
+        if "rank" in param_group:
+            for key, value in GALORE_GROUP_DEFAULTS.items():
+                param_group.setdefault(key, value)
+            check_rank(param_group["rank"])
+            check_update_proj_gap(param_group["update_proj_gap"])
+            check_scale(param_group["scale"])
+            check_proj_type(param_group["proj_type"])
+            params = param_group["params"]
+            if isinstance(params, set):
+                raise TypeError("params must be an ordered collection (a list), not a set: the order fixes the state_dict")
+            params = [params] if isinstance(params, Tensor) else list(params)
+            param_group["params"] = params
+            for item in params:  # tensors, or (name, tensor) pairs as from named_parameters()
+                name, p = item if isinstance(item, tuple) else (None, item)
+                if isinstance(p, Tensor) and p.dim() != 2:
+                    label = f"parameter {name!r}" if name else "a parameter"
+                    raise ValueError(
+                        f"a param group with 'rank' (GaLore projection) holds {label} of shape "
+                        f"{tuple(p.shape)}: only 2-D weight matrices can be projected; put biases, norms "
+                        "and other non-2-D parameters in a group without 'rank'"
+                    )
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------- extension surface
+    def make_projector(self, p: Tensor, group: dict[str, Any]) -> GaLoreProjector:
+        """A projector for parameter ``p`` with its group's hyperparameters (named for warnings)."""
+        name = self._param_names.get(id(p))
+        if name is None and "param_names" in group:  # torch >= 2.6 keeps names given as (name, tensor)
+            name = next((n for n, q in zip(group["param_names"], group["params"]) if q is p), None)
+        return self.projector_class(
+            group["rank"],
+            update_proj_gap=group["update_proj_gap"],
+            scale=group["scale"],
+            proj_type=group["proj_type"],
+            name=name,
+        )
+
+    def init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> None:
+        """Create the moments in the (low-rank) shape of ``grad``."""
+        state["exp_avg"] = torch.zeros_like(grad)  # M
+        state["exp_avg_sq"] = torch.zeros_like(grad)  # V
+
+    def adam_direction(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> Tensor:
+        """Update the moments with ``grad`` (low-rank shape) and return N = M / (√V + ε).
+
+        Called after ``state["step"]`` was incremented (t ≥ 1).
+        """
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        beta1, beta2 = group["betas"]
+        exp_avg.mul_(beta1).add_(grad, alpha=(1.0 - beta1))
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        return exp_avg / denom
+
+    def transfer_moments(self, state: dict[str, Any], projector: GaLoreProjector, old_basis: Basis) -> None:
+        """Carry M by the rotation and V by its elementwise square into the new basis (see module doc)."""
+        c_left, c_right = projector.rotation(old_basis)
+        for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+            x = state[key]  # low-rank shape
+            if c_left is not None:
+                x = (c_left if power == 1 else c_left * c_left) @ x
+            if c_right is not None:
+                x = x @ (c_right if power == 1 else c_right * c_right)
+            state[key].copy_(x)
+
+    def step_size(self, group: dict[str, Any], step: int) -> float:
+        """η_t = lr·√(1 − β2ᵗ)/(1 − β1ᵗ) (or lr without bias correction)."""
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            beta1, beta2 = group["betas"]
+            step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        return step_size
+
+    # ----------------------------------------------------------------------------- the step
+    def set_param_names(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
+        """Optional: remember parameter names so projector warnings name them."""
+        for name, p in named_parameters:
+            self._param_names[id(p)] = name
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One GaLore-AdamW step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            projected = "rank" in group
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                projector = None
+                if projected:
+                    if "projector" not in state:
+                        state["projector"] = self.make_projector(p, group)
+                    projector = state["projector"]
+                    if projector.needs_update(state["step"]):
+                        old_basis = projector.basis()
+                        switched = projector.update_basis(grad)
+                        if (
+                            switched
+                            and group["project_moments"]
+                            and old_basis[0] is not None
+                            and "exp_avg" in state
+                            and not _same_basis(old_basis, projector.basis())
+                        ):
+                            self.transfer_moments(state, projector, old_basis)
+                    grad = projector.apply(grad)  # (low-rank shape)
+                if "exp_avg" not in state:
+                    self.init_state(p, group, state, grad)
+                state["step"] += 1
+                norm_grad = self.adam_direction(p, group, state, grad)
+                if projector is not None:
+                    norm_grad = projector.project_back(norm_grad)  # (m, n), scale included
+                p.add_(norm_grad, alpha=-self.step_size(group, state["step"]))
+                if group["weight_decay"] > 0.0:
+                    p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))
+        return loss
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict with each projector replaced by its tensor/int/str state."""
+        sd = super().state_dict()
+        sd["state"] = {
+            k: (
+                {**v, "projector": v["projector"].state_dict()}
+                if isinstance(v.get("projector"), GaLoreProjector)
+                else v
+            )
+            for k, v in sd["state"].items()
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch's state dict and rebuild the projectors from their saved state.
+
+        The projector dicts are set aside before torch's loader runs (it would turn their
+        strings into generators) and restored afterwards, their tensors moved to the
+        parameter's device.
+        """
+        saved_state = state_dict["state"]
+        saved_projectors = {k: v["projector"] for k, v in saved_state.items() if isinstance(v.get("projector"), dict)}
+        stripped = {
+            **state_dict,
+            "state": {k: {kk: vv for kk, vv in v.items() if kk != "projector"} for k, v in saved_state.items()},
+        }
+        super().load_state_dict(stripped)
+        index = 0  # torch numbers the parameters across groups in order (the keys of "state")
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for group in self.param_groups:
+            for p in group["params"]:
+                key = saved_ids[index]
+                index += 1
+                if key not in saved_projectors:
+                    continue
+                saved = dict(saved_projectors[key])
+                for name in ("ortho", "ortho_right"):
+                    if isinstance(saved.get(name), Tensor):
+                        saved[name] = saved[name].to(device=p.device, copy=True)
+                projector = self.make_projector(p, group)
+                projector.load_state_dict(saved)
+                self.state[p]["projector"] = projector
+
+    def projectors(self) -> list[GaLoreProjector]:
+        """The projectors created so far (one per projected parameter that received a gradient)."""
+        return [s["projector"] for s in self.state.values() if isinstance(s.get("projector"), GaLoreProjector)]
+
+    def n_svd(self) -> int:
+        """Total SVDs performed by all projectors."""
+        return sum(proj.n_svd for proj in self.projectors())

@@ -1,0 +1,199 @@
+"""Q-GaLore's optimizers: GaLoreAdamW with the adaptive INT4 projector, and per-layer updates of
+INT8 weights with stochastic rounding.
+
+Zhang et al., "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank
+Gradients", arXiv 2407.08296 (2024), Algorithm 1; official code VITA-Group/Q-GaLore. Part II,
+GaLore chapter (``book/galore/``).
+
+:class:`QGaLoreAdamW` is :class:`mini.galore.adamw.GaLoreAdamW` (same param-group convention,
+same arithmetic) whose projected groups use :class:`~mini.qgalore.projector.AdaptiveProjector`:
+an INT4 basis and lazy subspace updates. A projected group may carry ``cos_threshold`` (0.4),
+``gamma`` (2), ``queue_size`` (5), ``proj_bits`` (4) and ``proj_group_size`` (256), the official
+defaults.
+
+:class:`Int8LayerwiseQGaLore` is the paper's training path for INT8 weights: each
+:class:`~mini.qgalore.int8_linear.Int8Linear` gets a weight-gradient hook that, as soon as the
+layer's dense gradient G exists (during backward; it is never stored), runs ::
+
+    R = project(G)                                   (adaptive INT4 projector)
+    M = β1 M + (1 − β1) R,  V = β2 V + (1 − β2) R²,  N = M / (√V + ε)
+    η = lr √(1 − β2ᵗ) / (1 − β1ᵗ)
+    W' = (W − η · project_back(N)) (1 − lr λ)        (GaLoreAdamW's order: update, then decay)
+    W ← SR-requantize(W + (W' − W))                  (the fused kernel of Int8Linear.apply_update_)
+
+Differences from the official code: the official per-layer path uses bitsandbytes' 8-bit Adam
+(CUDA only) for M and V; here they are float32 (the 8-bit moments are
+:mod:`mini.galore`'s concern). It is single-process: the hooks update weights during backward,
+which does not combine with DistributedDataParallel's gradient all-reduce.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mini.galore.adamw import GaLoreAdamW
+from mini.galore.projector import GaLoreProjector, check_rank, check_update_proj_gap
+
+from .int8_linear import Int8Linear
+from .projector import AdaptiveProjector
+
+__all__ = ["QGaLoreAdamW", "Int8LayerwiseQGaLore", "QGALORE_GROUP_DEFAULTS"]
+
+#: Adaptive-projector settings of a projected group (official Q-GaLore defaults).
+QGALORE_GROUP_DEFAULTS: dict[str, Any] = {
+    "cos_threshold": 0.4,
+    "gamma": 2.0,
+    "queue_size": 5,
+    "proj_bits": 4,
+    "proj_group_size": 256,
+}
+
+
+class QGaLoreAdamW(GaLoreAdamW):
+    """GaLoreAdamW whose projected groups use Q-GaLore's adaptive, INT4-stored projector.
+
+    Same arguments and param-group convention as :class:`~mini.galore.adamw.GaLoreAdamW`; a
+    projected group may also set the keys of :data:`QGALORE_GROUP_DEFAULTS`.
+    """
+
+    projector_class = AdaptiveProjector
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "rank" in param_group:
+            for key, value in QGALORE_GROUP_DEFAULTS.items():
+                param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+
+    def make_projector(self, p: Tensor, group: dict[str, Any]) -> GaLoreProjector:
+        return AdaptiveProjector(
+            group["rank"],
+            update_proj_gap=group["update_proj_gap"],
+            scale=group["scale"],
+            proj_type=group["proj_type"],
+            name=self._param_names.get(id(p)),
+            **{key: group[key] for key in QGALORE_GROUP_DEFAULTS},
+        )
+
+
+class Int8LayerwiseQGaLore:
+    """Per-layer Q-GaLore updates of every :class:`Int8Linear` in ``model`` from its gradient hook.
+
+    Args:
+        model: a module (its ``Int8Linear`` submodules are trained) or an iterable of ``Int8Linear``.
+        rank, update_proj_gap, scale, proj_type: GaLore's (r, T, α, projection type).
+        lr, betas, eps, weight_decay: Adam's (official per-layer path: betas (0.9, 0.999)).
+        generator: the source of the stochastic-rounding uniforms (on the layers' device);
+            its state is saved in :meth:`state_dict` so a resumed run draws the same numbers.
+        projector_kwargs: ``cos_threshold``, ``gamma``, ``queue_size``, ``proj_bits``,
+            ``proj_group_size`` of :class:`AdaptiveProjector`.
+
+    The biases and every other float parameter are not touched: train them with an ordinary
+    optimizer. Call :meth:`remove` to detach the hooks. Single-process: raises TypeError for a
+    model wrapped in DistributedDataParallel.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[Int8Linear],
+        rank: int,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        **projector_kwargs: Any,
+    ) -> None:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise TypeError(
+                "Int8LayerwiseQGaLore is single-process: its hooks would update each rank's weights from the "
+                "local gradient during backward, before DistributedDataParallel's all-reduce. Use QGaLoreAdamW "
+                "with the standard optimizer step under DDP."
+            )
+        check_rank(rank)
+        check_update_proj_gap(update_proj_gap)
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        unknown = set(projector_kwargs) - set(QGALORE_GROUP_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown projector argument(s) {sorted(unknown)}; allowed: {sorted(QGALORE_GROUP_DEFAULTS)}")
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)] if isinstance(model, nn.Module) else list(model)
+        if not layers or not all(isinstance(m, Int8Linear) for m in layers):
+            raise ValueError("model must contain (or be an iterable of) at least one Int8Linear, and only those")
+        self.layers = layers
+        self.hparams = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+        self.projector_kwargs = {**QGALORE_GROUP_DEFAULTS, **projector_kwargs}
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
+        self.generator = generator
+        self.states: list[dict[str, Any]] = [{"step": 0} for _ in layers]
+        self._index = {id(m): i for i, m in enumerate(layers)}
+        self._handles = [m.register_weight_grad_hook(self._hook) for m in layers]
+
+    def _projector(self) -> AdaptiveProjector:
+        return AdaptiveProjector(**self.hparams, **self.projector_kwargs)
+
+    @torch.no_grad()
+    def _hook(self, layer: Int8Linear, grad: Tensor) -> None:
+        state = self.states[self._index[id(layer)]]
+        if "projector" not in state:
+            state["projector"] = self._projector()
+        projector: AdaptiveProjector = state["projector"]
+        low = projector.project(grad.float(), state["step"])  # (low-rank shape)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+        state["step"] += 1
+        beta1, beta2 = self.betas
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(low, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        direction = projector.project_back(m / (v.sqrt() + self.eps))  # (out, in), α included
+        step_size = self.lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+        delta = direction.mul_(-step_size)
+        if self.weight_decay > 0.0:
+            w = layer.dequantized_weight()
+            delta.sub_((w + delta).mul_(self.lr * self.weight_decay))
+        layer.apply_update_(delta.contiguous(), self.generator)
+
+    def n_svd(self) -> int:
+        """SVDs performed by all projectors."""
+        return sum(s["projector"].n_svd for s in self.states if "projector" in s)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain scalars only (``torch.load(weights_only=True)`` works)."""
+        states = [{**s, "projector": s["projector"].state_dict()} if "projector" in s else dict(s) for s in self.states]
+        out: dict[str, Any] = {"states": states}
+        if self.generator is not None:
+            out["generator"] = self.generator.get_state()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["states"]) != len(self.states):
+            raise ValueError(f"state has {len(state['states'])} layers, this optimizer {len(self.states)}")
+        for i, saved in enumerate(state["states"]):
+            s = dict(saved)
+            if "projector" in s:
+                projector = self._projector()
+                projector.load_state_dict(s["projector"])
+                s["projector"] = projector
+            self.states[i] = s
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def remove(self) -> None:
+        """Detach the hooks (the layers then fill ``weight_grad`` again)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
