@@ -7,13 +7,16 @@ projection, and the update is projected back with a scale α::
 
     R = Pᵀ G  or  G Pᵀ,   N = Adam(R),   W ← W − η α · (P N  or  N P)
 
-- :class:`GaLoreProjector` (:mod:`mini.galore.projector`): the SVD basis, projection types
-  std / reverse_std / left / right / full, state as tensors.
-- :class:`GaLoreAdamW` (:mod:`mini.galore.adamw`): a drop-in for galore-torch's optimizer.
-- :class:`GaLoreAdamW8bit` (:mod:`mini.galore.adamw8bit`): the same with 8-bit blockwise moments.
-- :func:`galore_param_groups` (:mod:`mini.galore.groups`): the Hugging Face Trainer convention.
-- :func:`attach_layerwise_updates` (:mod:`mini.galore.layerwise`): per-layer weight updates from
-  gradient hooks (single process).
+- :class:`~mini.galore.projector.GaLoreProjector` (:mod:`mini.galore.projector`): the SVD basis,
+  projection types std / reverse_std / left / right / full, state as tensors.
+- :class:`~mini.galore.adamw.GaLoreAdamW` (:mod:`mini.galore.adamw`): a drop-in for galore-torch's
+  optimizer.
+- :class:`~mini.galore.adamw8bit.GaLoreAdamW8bit` (:mod:`mini.galore.adamw8bit`): the same with
+  8-bit blockwise moments.
+- :func:`~mini.galore.groups.galore_param_groups` (:mod:`mini.galore.groups`): the Hugging Face
+  Trainer convention.
+- :func:`~mini.galore.layerwise.attach_layerwise_updates` (:mod:`mini.galore.layerwise`): per-layer
+  weight updates from gradient hooks (single process).
 """
 from __future__ import annotations
 

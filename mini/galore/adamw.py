@@ -4,7 +4,7 @@ Part II, GaLore chapter (``book/galore/``). Zhao et al., "GaLore: Memory-Efficie
 by Gradient Low-Rank Projection", ICML 2024, arXiv 2403.03507, Algorithm 2.
 
 The update (one projected parameter W (m, n), step t = 1, 2, …)
---------------------------------------------------------------
+-----------------------------------------------------------------
 With the projector of :mod:`mini.galore.projector` (basis P refreshed by an SVD of the gradient
 whenever ``(t − 1) mod T = 0``)::
 
@@ -83,7 +83,8 @@ from .projector import (
 
 __all__ = ["GaLoreAdamW", "GALORE_GROUP_DEFAULTS"]
 
-#: Defaults for a projected group missing these keys (paper: T = 200, α = 0.25; galore-torch "std").
+#: The defaults of a projected group missing these keys, as in the paper (T = 200, α = 0.25)
+#: and galore-torch ("std").
 GALORE_GROUP_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
 
 

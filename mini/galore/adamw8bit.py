@@ -6,7 +6,7 @@ the paper's 7B pre-training runs: 18 GB vs 26 GB for 8-bit Adam), on top of Dett
 "8-bit Optimizers via Block-wise Quantization", ICLR 2022, arXiv 2110.02861.
 
 The update (one parameter, step t = 1, 2, …)
--------------------------------------------
+----------------------------------------------
 As :class:`mini.galore.adamw.GaLoreAdamW` (projection R_t of the gradient for groups with
 ``"rank"``, the raw gradient otherwise), with the moments kept between steps as 8-bit codes and
 one float32 absmax per block of ``block_size`` values (:mod:`mini.quant.blockwise`)::
@@ -21,9 +21,10 @@ one float32 absmax per block of ``block_size`` values (:mod:`mini.quant.blockwis
     M̃_t, Ṽ_t = quant(M; Q_signed), quant(V; Q_unsigned)              # fresh absmax per block
 
 The update uses the float32 moments of this step; only what is *stored* is quantized, as in
-bitsandbytes. Q_signed / Q_unsigned are the dynamic maps of :func:`mini.quant.dynamic_map`: the
-first moment takes both signs, the second is non-negative and spans many orders of magnitude,
-which a linear map would round to zero (see :mod:`mini.quant.blockwise`). A tensor whose
+bitsandbytes. Q_signed / Q_unsigned are the dynamic maps of
+:func:`mini.quant.blockwise.dynamic_map`: the first moment takes both signs, the second is
+non-negative and spans many orders of magnitude, which a linear map would round to zero (see
+:mod:`mini.quant.blockwise`). A tensor whose
 (low-rank) moments have fewer than ``min_8bit_size`` elements keeps float32 moments, as
 bitsandbytes does (its default 4096): the absmax overhead and the error are not worth it there.
 
@@ -34,7 +35,7 @@ Differences from galore-torch 1.0 (``galore_torch/adamw8bit.py``) and bitsandbyt
 -------------------------------------------------------------------------------------------
 - Runs on CPU and on GPU: galore-torch wraps bitsandbytes' ``Optimizer2State`` and calls
   ``torch.cuda.synchronize()`` every parameter step, which fails without CUDA. Here the
-  quantization is :func:`mini.quant.quantize_blockwise` (Triton on CUDA, PyTorch on CPU).
+  quantization is :func:`mini.quant.blockwise.quantize_blockwise` (Triton on CUDA, PyTorch on CPU).
 - The arithmetic is bitsandbytes' Adam (ε added to the bias-corrected √V, step lr / c1), which
   is what galore-torch's 8-bit optimizer runs; the float GaLoreAdamW uses the Hugging Face form
   ``lr·c2/c1 · M / (√V + ε)``. The two differ only in how ε is scaled (by c2 ≤ 1).
@@ -42,7 +43,7 @@ Differences from galore-torch 1.0 (``galore_torch/adamw8bit.py``) and bitsandbyt
   betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2, block 256, min_8bit_size 4096.
 - Weight decay as galore-torch's 8-bit optimizer places it: after the update in projected
   groups, ``p·(1 − lr·λ)`` before the update in plain groups (bitsandbytes' AdamW8bit). The
-  float GaLoreAdamW decays after the update everywhere; the difference is lr²·λ·|update|.
+  float GaLoreAdamW decays after the update everywhere; the difference is ``lr²·λ·|update|``.
 - Nearest-code quantization is exact, as bitsandbytes' PyTorch implementation; its CPU library
   searches approximately (see :mod:`mini.quant.blockwise`). With bitsandbytes' CPU update made
   to quantize exactly, ``tests/test_galore8bit.py`` finds the same codes and trajectories within
@@ -51,7 +52,7 @@ Differences from galore-torch 1.0 (``galore_torch/adamw8bit.py``) and bitsandbyt
   distance travelled, against 1.9% between bitsandbytes' own 8-bit and 32-bit AdamW.
 - No percentile clipping, no max_unorm, no paged states, no stable-embedding special case.
 - ``project_moments=True`` works here too: the moments are dequantized, rotated into the new
-  subspace (:meth:`GaLoreAdamW.transfer_moments`) and requantized.
+  subspace (:meth:`~mini.galore.adamw.GaLoreAdamW.transfer_moments`) and requantized.
 - ``state_dict()`` holds only tensors and plain values (codes uint8, absmax float32), so it loads
   with ``torch.load(weights_only=True)``; on load the codes stay uint8 and the absmax and
   small float32 moments stay float32 (torch's loader casts every state tensor to the

@@ -5,7 +5,7 @@ The paper projects every ``nn.Linear`` inside attention and MLP blocks and train
 the LM head, norms and biases with plain Adam. The Trainer's GaLore option (``optim="galore_adamw"``,
 ``optim_target_modules=[...]``) selects the Linear modules whose name matches a target and gives
 them all one rank, gap, scale and proj_type; :func:`galore_param_groups` returns the same two
-groups, ready for :class:`mini.galore.GaLoreAdamW` or galore-torch's.
+groups, ready for :class:`mini.galore.adamw.GaLoreAdamW` or galore-torch's.
 
 Difference from the Trainer: matching is by substring of the module's qualified name (or a
 predicate you pass), not by regular expression, and a target list that matches nothing raises

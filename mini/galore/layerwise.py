@@ -2,9 +2,9 @@
 
 Part II, GaLore chapter (``book/galore/``); Zhao et al., ICML 2024, arXiv 2403.03507, Sec. 4.3
 ("per-layer weight updates", after Lv et al., LOMO). A standard step keeps every weight gradient
-alive until ``optimizer.step()``: Σ_p |G_p| bytes. Updating parameter p as soon as backward has
+alive until ``optimizer.step()``: ``Σ_p |G_p|`` bytes. Updating parameter p as soon as backward has
 accumulated G_p (``Tensor.register_post_accumulate_grad_hook``) and then dropping G_p keeps only
-the gradients whose hooks have not yet run, about max_p |G_p| for a layered network. Each
+the gradients whose hooks have not yet run, about ``max_p |G_p|`` for a layered network. Each
 parameter gets its own optimizer, so the update is the same as a standard step of the same
 optimizer when the optimizer acts per parameter (Adam, GaLore-Adam; not global gradient clipping).
 
@@ -158,7 +158,7 @@ def attach_layerwise_updates(
 
     Args:
         model_or_params: a model, its parameters, or param groups in galore-torch's convention
-            (e.g. :func:`mini.galore.galore_param_groups`); group options apply to each of the
+            (e.g. :func:`mini.galore.groups.galore_param_groups`); group options apply to each of the
             group's parameters.
         optimizer_factory: ``factory([group]) -> Optimizer`` for a one-parameter group list;
             default ``GaLoreAdamW([group], **optimizer_kwargs)``.

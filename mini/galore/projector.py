@@ -65,7 +65,7 @@ from torch import Tensor
 
 __all__ = ["GaLoreProjector", "PROJ_TYPES", "check_rank", "check_update_proj_gap", "check_proj_type"]
 
-#: The projection types of galore-torch 1.0 (its tensor/Tucker projector is not ported: broken).
+#: The projection types of galore-torch 1.0; its tensor/Tucker projector is not ported (broken).
 PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
 
 

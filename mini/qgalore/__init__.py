@@ -5,15 +5,18 @@ Zhang et al., "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptiv
 Gradients", arXiv 2407.08296 (2024); official code VITA-Group/Q-GaLore. Part II, GaLore chapter
 (``book/galore/``).
 
-- :mod:`mini.qgalore.projector`: :class:`AdaptiveProjector`, GaLore's projector with the lazy
-  update rule (queue of |cos| of successive leading singular vectors, the gap multiplied by γ
-  when their mean reaches the threshold), ``n_svd``, and the basis stored INT4 group-wise.
-- :mod:`mini.qgalore.int8_linear`: :class:`Int8Linear`, a linear layer with INT8 group-wise
-  weights whose dense weight gradient goes to a per-layer hook, and :func:`sr_update`, the fused
+- :mod:`mini.qgalore.projector`: :class:`~mini.qgalore.projector.AdaptiveProjector`, GaLore's
+  projector with the lazy update rule (queue of ``|cos|`` of successive leading singular vectors,
+  the gap multiplied by γ when their mean reaches the threshold), ``n_svd``, and the basis stored
+  INT4 group-wise.
+- :mod:`mini.qgalore.int8_linear`: :class:`~mini.qgalore.int8_linear.Int8Linear`, a linear layer
+  with INT8 group-wise weights whose dense weight gradient goes to a per-layer hook, and
+  :func:`~mini.qgalore.int8_linear.sr_update`, the fused
   dequantize-add-requantize-with-stochastic-rounding Triton kernel (with its reference).
-- :mod:`mini.qgalore.optimizer`: :class:`QGaLoreAdamW` (GaLoreAdamW with the adaptive INT4
-  projector) and :class:`Int8LayerwiseQGaLore` (per-layer Adam-in-subspace updates of INT8
-  weights from their gradient hooks, written back by stochastic rounding).
+- :mod:`mini.qgalore.optimizer`: :class:`~mini.qgalore.optimizer.QGaLoreAdamW` (GaLoreAdamW with
+  the adaptive INT4 projector) and :class:`~mini.qgalore.optimizer.Int8LayerwiseQGaLore` (per-layer
+  Adam-in-subspace updates of INT8 weights from their gradient hooks, written back by stochastic
+  rounding).
 - The quantizer itself lives in :mod:`mini.quant.groupwise` (re-exported here).
 """
 from __future__ import annotations

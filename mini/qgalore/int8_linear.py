@@ -232,6 +232,9 @@ class _Int8LinearFn(torch.autograd.Function):
 
 
 class _HookHandle:
+    """The handle :meth:`~mini.qgalore.int8_linear.Int8Linear.register_weight_grad_hook` returns;
+    :meth:`remove` detaches the hook."""
+
     def __init__(self, hooks: dict, key: int):
         self._hooks, self._key = hooks, key
 
@@ -304,6 +307,7 @@ class Int8Linear(nn.Module):
         return w.reshape(-1)[:n].view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
+        """``y = x Wᵀ + b`` with ``W`` dequantized; the weight gradient goes to the hooks."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
         w = self.dequantized_weight(x.dtype if x.is_floating_point() else torch.float32)
@@ -355,7 +359,7 @@ class Int8Linear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the quantized weight: codes, scales, zero points (bias excluded)."""
+        """The size in bytes of the quantized weight (codes, scales, zero points; bias excluded)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
     def extra_repr(self) -> str:

@@ -80,7 +80,9 @@ class QGaLoreAdamW(GaLoreAdamW):
 
 
 class Int8LayerwiseQGaLore:
-    """Per-layer Q-GaLore updates of every :class:`Int8Linear` in ``model`` from its gradient hook.
+    """Per-layer Q-GaLore updates of every ``Int8Linear`` in ``model`` from its gradient hook.
+
+    The layers are :class:`~mini.qgalore.int8_linear.Int8Linear`.
 
     Args:
         model: a module (its ``Int8Linear`` submodules are trained) or an iterable of ``Int8Linear``.
@@ -89,7 +91,7 @@ class Int8LayerwiseQGaLore:
         generator: the source of the stochastic-rounding uniforms (on the layers' device);
             its state is saved in :meth:`state_dict` so a resumed run draws the same numbers.
         projector_kwargs: ``cos_threshold``, ``gamma``, ``queue_size``, ``proj_bits``,
-            ``proj_group_size`` of :class:`AdaptiveProjector`.
+            ``proj_group_size`` of :class:`~mini.qgalore.projector.AdaptiveProjector`.
 
     The biases and every other float parameter are not touched: train them with an ordinary
     optimizer. Call :meth:`remove` to detach the hooks. Single-process: raises TypeError for a

@@ -75,9 +75,11 @@ def _unpack(d: Optional[dict[str, Any]]) -> tuple[Optional[GroupQuantized], Opti
 class AdaptiveProjector(GaLoreProjector):
     """GaLore's projector with Q-GaLore's lazy updates and a quantized (INT4) basis.
 
-    Args (beyond :class:`~mini.galore.projector.GaLoreProjector`'s ``rank``,
-    ``update_proj_gap``, ``scale``, ``proj_type``, ``name``):
-        cos_threshold: mean |cosine| of the queue at or above which the gap grows (official: 0.4).
+    Arguments beyond :class:`~mini.galore.projector.GaLoreProjector`'s ``rank``,
+    ``update_proj_gap``, ``scale``, ``proj_type``, ``name``:
+
+    Args:
+        cos_threshold: mean ``|cosine|`` of the queue at or above which the gap grows (official: 0.4).
         gamma: factor of the gap's growth, a real ≥ 1 (official: 2); the gap stays an int.
         queue_size: how many recent cosines are averaged (official: 5).
         proj_bits: 4 (official) or 8, bits of the stored basis.
@@ -156,7 +158,7 @@ class AdaptiveProjector(GaLoreProjector):
         return ortho[0, :] if self.side == "right" else ortho[:, 0]  # (n,) or (m,)
 
     def set_basis(self, ortho: Tensor, ortho_right: Tensor | None = None) -> None:
-        """Install a basis; after a real SVD, push |cos| of the leading vectors and adapt the gap."""
+        """Install a basis; after a real SVD, push ``|cos|`` of the leading vectors and adapt the gap."""
         previous = self.ortho
         super().set_basis(ortho, ortho_right)
         if previous is None or not getattr(self, "_in_svd", False):

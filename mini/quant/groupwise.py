@@ -9,7 +9,7 @@ after every update with stochastic rounding. The book explains it in Part II, Ga
 (``book/galore/``); :mod:`mini.qgalore` builds on this module.
 
 Quantization (b bits, one group x_1..x_G, L = 2^b - 1 levels above 0)
---------------------------------------------------------------------
+-----------------------------------------------------------------------
 ::
 
     lo = min(min_i x_i, 0),   hi = max(max_i x_i, 0)          # the range always contains 0
@@ -43,7 +43,7 @@ per group), the original ``shape``, ``bits`` and ``group_size``. Groups run over
 (row-major) tensor; the last group may be partial. ``nbytes`` counts all of it.
 
 Differences from the official code (VITA-Group/Q-GaLore, ``utils/quantization.py``)
-----------------------------------------------------------------------------------
+-------------------------------------------------------------------------------------
 - It spends one byte per INT4 value; here two INT4 values share a byte.
 - Its zero point ``z = clamp(-round(min/s), 0, L)`` with ``s = (max - min)/L`` clips groups whose
   values share one sign (INT4 ``[1, 2]`` dequantizes to ``[1, 1]``: ``z`` is clamped to 0); here
@@ -109,7 +109,7 @@ class GroupQuantized:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: codes, scales and zero points."""
+        """The size in bytes of the codes, scales and zero points."""
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
 
     def codes(self) -> torch.Tensor:
