@@ -60,6 +60,9 @@ check-links: venv
 
 bench: venv
 	$(BIN)/python bench/cogo_step.py
+	$(BIN)/python bench/galore_step.py
+	$(BIN)/python bench/quant8.py
+	$(BIN)/python bench/qgalore_update.py
 
 clean:
 	rm -rf _build .pytest_cache
