@@ -224,18 +224,23 @@ def _finish(params, mask, hist, elapsed, config) -> TrainResult:
     return TrainResult(Wa=Wa, Wb=Wb, Wc=Wc, mask=mask.cpu(), history=history, elapsed_s=elapsed, config=config)
 
 
+def _resolve_config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
+    """``config`` with ``overrides`` applied (a fresh default one when None), validated."""
+    if config is None:
+        return TrainConfig(**overrides)
+    if overrides:
+        return dataclasses.replace(config, **overrides)  # replace re-runs __post_init__'s checks
+    config.validate()
+    return config
+
+
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     """Train ``config.seeds`` networks at once; ``train(d=7, steps=200)`` overrides fields.
 
     Full batch, ``torch.optim.Adam(lr, weight_decay)`` on the sum of the seeds' losses,
     gradients in closed form (:func:`mini.cogo.kernel.fused_loss_and_grads`).
     """
-    if config is None:
-        config = TrainConfig(**overrides)
-    elif overrides:
-        config = dataclasses.replace(config, **overrides)
-    else:
-        config.validate()
+    config = _resolve_config(config, overrides)
     device = torch.device(config.device)
     backend = config.backend
     if backend == "auto" and config.dtype != torch.float32:
@@ -286,12 +291,7 @@ def train_per_seed_autograd(config: TrainConfig | None = None, **overrides: Any)
     ``Σ_g (o_g - ō)² - 2 (o_y - ō) + 1 - 1/d`` per example, averaged over the training pairs.
     Kept as the benchmark's baseline and as a test of :func:`train`.
     """
-    if config is None:
-        config = TrainConfig(**overrides)
-    elif overrides:
-        config = dataclasses.replace(config, **overrides)
-    else:
-        config.validate()
+    config = _resolve_config(config, overrides)
     d, q = config.d, config.q
     device = torch.device(config.device)
     Wa0, Wb0, Wc0 = init_weights(config)

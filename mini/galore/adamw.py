@@ -91,6 +91,18 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25, 
 Basis = tuple[Tensor | None, Tensor | None]  # (ortho, ortho_right) of a projector
 
 
+def check_adam_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """Validate Adam's hyperparameters (shared by the GaLore and Q-GaLore optimizers)."""
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+
+
 def _same_basis(a: Basis, b: Basis) -> bool:
     """True when two bases are bitwise equal (nothing to carry: Pᵀ P is I only up to rounding)."""
     return all(
@@ -128,14 +140,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         no_deprecation_warning: bool = True,
     ) -> None:
         del no_deprecation_warning  # galore-torch's argument, accepted so its call sites work unchanged
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        check_adam_hparams(lr, betas, eps, weight_decay)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -229,6 +234,41 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for name, p in named_parameters:
             self._param_names[id(p)] = name
 
+    def _prepare(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[Tensor, Any]:
+        """The shared first half of a step for one parameter (subclasses reuse it).
+
+        Creates the state, refreshes the projector's basis when due (carrying the moments into
+        the new subspace with ``project_moments``, unless the basis did not change), projects the
+        gradient, creates the moments and increments ``state["step"]``. Returns the (low-rank)
+        gradient and the projector (None in a plain group).
+        """
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if "step" not in state:
+            state["step"] = 0
+        projector = None
+        if "rank" in group:
+            if "projector" not in state:
+                state["projector"] = self.make_projector(p, group)
+            projector = state["projector"]
+            if projector.needs_update(state["step"]):
+                old_basis = projector.basis()
+                switched = projector.update_basis(grad)
+                if (
+                    switched
+                    and group["project_moments"]
+                    and old_basis[0] is not None
+                    and "exp_avg" in state
+                    and not _same_basis(old_basis, projector.basis())
+                ):
+                    self.transfer_moments(state, projector, old_basis)
+            grad = projector.apply(grad)  # (low-rank shape)
+        if "exp_avg" not in state:
+            self.init_state(p, group, state, grad)
+        state["step"] += 1
+        return grad, projector
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One GaLore-AdamW step over every parameter that has a gradient."""
@@ -237,36 +277,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            projected = "rank" in group
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
                 state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                projector = None
-                if projected:
-                    if "projector" not in state:
-                        state["projector"] = self.make_projector(p, group)
-                    projector = state["projector"]
-                    if projector.needs_update(state["step"]):
-                        old_basis = projector.basis()
-                        switched = projector.update_basis(grad)
-                        if (
-                            switched
-                            and group["project_moments"]
-                            and old_basis[0] is not None
-                            and "exp_avg" in state
-                            and not _same_basis(old_basis, projector.basis())
-                        ):
-                            self.transfer_moments(state, projector, old_basis)
-                    grad = projector.apply(grad)  # (low-rank shape)
-                if "exp_avg" not in state:
-                    self.init_state(p, group, state, grad)
-                state["step"] += 1
+                grad, projector = self._prepare(p, group, state)
                 norm_grad = self.adam_direction(p, group, state, grad)
                 if projector is not None:
                     norm_grad = projector.project_back(norm_grad)  # (m, n), scale included

@@ -224,31 +224,12 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            projected = "rank" in group
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW8bit does not support sparse gradients")
                 state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                projector = None
-                if projected:
-                    if "projector" not in state:
-                        state["projector"] = self.make_projector(p, group)
-                    projector = state["projector"]
-                    if projector.needs_update(state["step"]):
-                        old_basis = projector.basis()
-                        switched = projector.update_basis(grad)
-                        if switched and group["project_moments"] and old_basis[0] is not None and "exp_avg" in state:
-                            self.transfer_moments(state, projector, old_basis)
-                    grad = projector.apply(grad)  # (low-rank shape)
-                if "exp_avg" not in state:
-                    self.init_state(p, group, state, grad)
-                state["step"] += 1
+                grad, projector = self._prepare(p, group, state)  # shared with GaLoreAdamW
                 direction = self.adam_direction(p, group, state, grad)  # float32, (low-rank) shape
                 step_size = self.step_size(group, state["step"])
                 if projector is not None:

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from mini.galore.adamw import GaLoreAdamW
+from mini.galore.adamw import GaLoreAdamW, check_adam_hparams
 from mini.galore.projector import GaLoreProjector, check_rank, check_update_proj_gap
 
 from .int8_linear import Int8Linear
@@ -120,14 +120,7 @@ class Int8LayerwiseQGaLore:
             )
         check_rank(rank)
         check_update_proj_gap(update_proj_gap)
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        check_adam_hparams(lr, betas, eps, weight_decay)
         unknown = set(projector_kwargs) - set(QGALORE_GROUP_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown projector argument(s) {sorted(unknown)}; allowed: {sorted(QGALORE_GROUP_DEFAULTS)}")

@@ -189,30 +189,10 @@ if HAS_TRITON:
         s = tl.minimum(tl.maximum(s, -1.0), 1.0)
         # Branch-free binary search: idx = #{j : mid[j] < s}, the nearest code (ties go down).
         idx = tl.zeros((BLOCK,), dtype=tl.int32)
-        cand = idx + 128
-        t = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(t < s, cand, idx)
-        cand = idx + 64
-        t = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(t < s, cand, idx)
-        cand = idx + 32
-        t = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(t < s, cand, idx)
-        cand = idx + 16
-        t = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(t < s, cand, idx)
-        cand = idx + 8
-        t = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(t < s, cand, idx)
-        cand = idx + 4
-        t = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(t < s, cand, idx)
-        cand = idx + 2
-        t = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(t < s, cand, idx)
-        cand = idx + 1
-        t = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(t < s, cand, idx)
+        for level in tl.static_range(8):  # unrolled at compile time: steps 128, 64, ..., 1
+            cand = idx + (128 >> level)
+            t = tl.load(mid_ptr + cand - 1)
+            idx = tl.where(t < s, cand, idx)
         tl.store(q_ptr + offs, idx.to(tl.uint8), mask=mask)
 
     @triton.jit
