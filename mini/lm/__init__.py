@@ -9,6 +9,10 @@ First used by Part II, GaLore chapter (``book/galore/``); later LLM chapters reu
 - :mod:`mini.lm.trainer`: a training loop with validation perplexity, per-step history and
   checkpoints that resume bitwise exactly on CPU; any ``torch.optim.Optimizer``, or none
   (per-layer updates in gradient hooks).
+- :mod:`mini.lm.spectra`: singular values, stable rank, and a recorder of the gradients'
+  stable rank during training (the GaLore chapter's "gradients become low rank").
+- :mod:`mini.lm.lowrank`: replacing linear layers: the low-rank baseline ``W = B A``, LoRA
+  (through ``peft``) and the converter :func:`~mini.lm.lowrank.replace_linears` that SLTrain uses.
 - :mod:`mini.lm.memory`: the analytic memory estimator (Adam, 8-bit Adam, LoRA, low-rank,
   GaLore, 8-bit GaLore, Q-GaLore) behind the chapter's tables.
 
@@ -41,6 +45,14 @@ from mini.lm.data import (
     split_documents,
     synthetic_lm_data,
 )
+from mini.lm.lowrank import (
+    DEFAULT_PATTERNS,
+    ConversionReport,
+    LowRankLinear,
+    apply_lora,
+    replace_linears,
+    to_low_rank,
+)
 from mini.lm.memory import (
     DEFAULT_RANKS,
     GB,
@@ -52,6 +64,7 @@ from mini.lm.memory import (
     memory_table,
     tensor_breakdown,
 )
+from mini.lm.spectra import GradientSpectrumRecorder, singular_values, stable_rank
 from mini.lm.trainer import (
     History,
     TrainerConfig,
@@ -76,6 +89,10 @@ __all__ = [
     # trainer
     "TrainerConfig", "History", "train_lm", "evaluate_lm", "lm_loss", "save_checkpoint",
     "load_checkpoint", "latest_checkpoint", "get_rng_state", "set_rng_state",
+    # spectra, low-rank layers
+    "singular_values", "stable_rank", "GradientSpectrumRecorder",
+    "LowRankLinear", "ConversionReport", "replace_linears", "to_low_rank", "apply_lora",
+    "DEFAULT_PATTERNS",
     # memory
     "METHODS", "DEFAULT_RANKS", "GB", "TensorMemory", "MemoryReport", "tensor_breakdown",
     "estimate_memory", "memory_table", "format_memory_table",

@@ -35,7 +35,7 @@ import numbers
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +211,7 @@ def train_lm(
     scheduler: Any | None = None,
     resume_from: str | os.PathLike | None = None,
     extra_state: Mapping[str, Any] | None = None,
+    on_gradients: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``config.steps`` steps; return the :class:`History`.
 
@@ -218,7 +219,10 @@ def train_lm(
     ``resume_from``: a checkpoint written by this function; the run continues from its step with
     the saved model, optimizer, scheduler, RNG, data position and history (the objects passed
     in are overwritten). ``extra_state``: name → object with ``state_dict``/``load_state_dict``
-    saved and restored alongside (e.g. per-layer optimizers).
+    saved and restored alongside (e.g. per-layer optimizers). ``on_gradients(step, model)``:
+    called after ``backward`` and before the optimizer step, while every ``.grad`` is alive (not
+    with per-layer hook updates, whose hooks consume the gradients during ``backward``); e.g. a
+    :class:`~mini.lm.spectra.GradientSpectrumRecorder` measuring the gradients' stable rank.
     """
     config = config or TrainerConfig()
     if not isinstance(config, TrainerConfig):
@@ -230,6 +234,13 @@ def train_lm(
         )
     if not isinstance(data, LMData):
         raise TypeError(f"data must be an LMData, got {type(data).__name__}")
+    if on_gradients is not None and not callable(on_gradients):
+        raise TypeError(f"on_gradients must be callable or None, got {type(on_gradients).__name__}")
+    if optimizer is None and on_gradients is not None:
+        raise ValueError(
+            "on_gradients must be None when optimizer is None: per-layer hook updates free each "
+            "gradient during backward, so none is left to inspect"
+        )
     if optimizer is None and config.grad_clip:
         raise ValueError(
             f"grad_clip must be None or 0 when optimizer is None (per-layer hook updates consume "
@@ -286,6 +297,8 @@ def train_lm(
         x, y = next(stream)  # (B, T), (B, T)
         loss = lm_loss(model, x, y)
         loss.backward()
+        if on_gradients is not None:
+            on_gradients(step, model)
         if optimizer is not None:
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
