@@ -1,6 +1,7 @@
 """Analytic training-memory estimator: weights, gradients, optimizer states and projectors.
 
-Used by Part II, GaLore chapter (``book/galore/``), for its memory tables up to LLaMA-7B.
+Used by Part II, GaLore chapter (``book/galore/``), for its memory tables up to LLaMA-7B, and
+SLTrain chapter (``book/sltrain/``).
 
 Papers: Zhao et al., "GaLore" (ICML 2024, arXiv 2403.03507), Sec. 4 and Table 1; Zhang et al.,
 "Q-GaLore" (arXiv 2407.08296). The estimator counts tensors from a ``LlamaConfig`` (or a name
@@ -32,6 +33,17 @@ Per tensor of shape m×n (out × in) with an effective rank ``r' = min(r, min(m,
   trainable with full Adam (``lora_train_other``; the paper's pretraining baseline trains them).
 - ``low_rank``: the factorized model of the paper's baseline: each projected matrix replaced by
   ``B A`` (``r·(m + n)`` trainable elements), everything trained with Adam.
+- ``sltrain``: SLTrain (Han et al., NeurIPS 2024, arXiv 2406.02214; :mod:`mini.sltrain`): each
+  projected matrix becomes ``(α/r)·B A + S`` with ``r'·(m + n) + ⌊δ·m·n⌋`` trainable elements
+  (``density`` δ: :data:`SLTRAIN_DENSITIES` for a paper name, 0.03 otherwise), all with
+  gradients and Adam moments; the support's positions cost ``index_bytes`` per non-zero (8: the
+  official int64 buffer; 4: int32, enough below 2³¹ positions; 0: regenerated from a seed
+  instead of stored), counted in the weights and reported as ``index_bytes``. The transient
+  dense weight and weight gradient of one layer during its forward/backward are not counted
+  (at most ``max m·n`` elements, smaller than the embedding's gradient in every paper config).
+- ``sltrain8bit``: as ``sltrain`` with blockwise 8-bit moments (rules of ``adam8bit``, per
+  tensor: A, B, the values and the dense tensors); with ``per_layer_updates=True`` this is the
+  paper's "8-bit SLTrain with per-layer updates" (its 7B figure).
 - ``per_layer_updates=True``: each weight is updated in its gradient hook and its gradient freed,
   so only one gradient is alive at a time: the gradient bytes become those of the largest
   trainable tensor (the paper's "layer-wise weight updates").
@@ -39,8 +51,10 @@ Per tensor of shape m×n (out × in) with an effective rank ``r' = min(r, min(m,
 Checked against the digest's figures (``tests/test_lm.py``): LLaMA-60M has 58.1M parameters
 (25.3M in the projected matrices); BF16 Adam states 0.232 GB, GaLore (r = 128) states 0.156 GB
 plus 0.007 GB of projectors; LLaMA-1B 1339M parameters, Adam states 5.356 GB against GaLore
-(r = 512) 1.733 GB + 0.352 GB. The papers' model-level figures (e.g. Table 1's 0.36G / 0.24G for
-60M) are *not* reproduced exactly: they mix weights and states with unstated units and
+(r = 512) 1.733 GB + 0.352 GB. SLTrain's trainable counts (``tests/test_sltrain.py``; 60M
+r = 128, 130M and 350M r = 256, 1B r = 512, δ = 0.03): 43.5M, 96.5M, 194.3M, 645.5M, against
+42.8M, 94.0M, 185.2M, 609.3M for low-rank only. The papers' model-level figures (e.g. Table
+1's 0.36G / 0.24G for 60M) are *not* reproduced exactly: they mix weights and states with unstated units and
 embedding accounting; the book sets them side by side and explains the gap.
 """
 from __future__ import annotations
@@ -57,6 +71,7 @@ from mini.lm.config import PAPER_CONFIGS, is_projected_name, parameter_shapes, r
 __all__ = [
     "METHODS",
     "DEFAULT_RANKS",
+    "SLTRAIN_DENSITIES",
     "GB",
     "TensorMemory",
     "MemoryReport",
@@ -67,14 +82,21 @@ __all__ = [
 ]
 
 #: Methods the estimator knows.
-METHODS: tuple[str, ...] = ("adam", "adam8bit", "lora", "low_rank", "galore", "galore8bit", "qgalore")
-_RANKED = {"lora", "low_rank", "galore", "galore8bit", "qgalore"}
+METHODS: tuple[str, ...] = ("adam", "adam8bit", "lora", "low_rank", "galore", "galore8bit", "qgalore",
+                            "sltrain", "sltrain8bit")
+_RANKED = {"lora", "low_rank", "galore", "galore8bit", "qgalore", "sltrain", "sltrain8bit"}
 _GALORE = {"galore", "galore8bit", "qgalore"}
-_EIGHT_BIT_STATES = {"adam8bit", "galore8bit", "qgalore"}
+_SLTRAIN = {"sltrain", "sltrain8bit"}
+_EIGHT_BIT_STATES = {"adam8bit", "galore8bit", "qgalore", "sltrain8bit"}
 
 #: The GaLore paper's ranks per model size (Table 2; the 1B scripts use 1024).
 DEFAULT_RANKS: dict[str, int] = {
     "llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024,
+}
+
+#: The SLTrain paper's support densities δ per model size (its scripts; 0.03 for any other config).
+SLTRAIN_DENSITIES: dict[str, float] = {
+    "llama_60m": 0.03, "llama_130m": 0.03, "llama_350m": 0.03, "llama_1b": 0.03, "llama_7b": 0.05,
 }
 
 GB = 1e9  #: decimal gigabyte, the unit of every GB figure here
@@ -93,6 +115,7 @@ class TensorMemory:
     states: float
     projector: float
     state_elements: int  #: optimizer-state elements (both moments)
+    index: float = 0.0  #: bytes of a sparse support's positions (SLTrain), included in ``weights``
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,7 @@ class MemoryReport:
     state_bytes: float
     projector_bytes: float
     options: dict[str, Any] = field(default_factory=dict)
+    index_bytes: float = 0.0  #: SLTrain support positions; part of ``weight_bytes``
 
     @property
     def total_bytes(self) -> float:
@@ -121,6 +145,7 @@ class MemoryReport:
     states_gb = property(lambda self: self.state_bytes / GB)
     projectors_gb = property(lambda self: self.projector_bytes / GB)
     total_gb = property(lambda self: self.total_bytes / GB)
+    index_gb = property(lambda self: self.index_bytes / GB)
 
     def as_row(self) -> dict[str, Any]:
         """A flat dict for a table: counts in millions, memory in decimal GB."""
@@ -129,7 +154,7 @@ class MemoryReport:
             "params_M": self.n_params / 1e6, "trainable_M": self.n_trainable / 1e6,
             "weights_GB": self.weights_gb, "grads_GB": self.grads_gb,
             "states_GB": self.states_gb, "projectors_GB": self.projectors_gb,
-            "total_GB": self.total_gb,
+            "total_GB": self.total_gb, "index_GB": self.index_gb,
         }
 
 
@@ -173,6 +198,8 @@ def tensor_breakdown(
     group_size: int = 256,
     group_param_bytes: float = 2,
     lora_train_other: bool = True,
+    density: float | None = None,
+    index_bytes: float = 8,
 ) -> list[TensorMemory]:
     """Per-tensor bytes of :func:`estimate_memory` (same arguments, without per-layer updates)."""
     if method not in METHODS:
@@ -198,6 +225,11 @@ def tensor_breakdown(
     block_size = _positive_int("block_size", block_size)
     group_size = _positive_int("group_size", group_size)
     min_8bit_size = int(min_8bit_size)
+    if method in _SLTRAIN:
+        density = _sltrain_density(config, density)
+        if isinstance(index_bytes, bool) or not isinstance(index_bytes, numbers.Real) or index_bytes < 0:
+            raise ValueError(f"index_bytes must be a non-negative number (8: int64, 4: int32, 0: "
+                             f"regenerated from a seed), got {index_bytes!r}")
 
     def moments(n: int) -> float:  # bytes of the two Adam moments of n elements
         if method in _EIGHT_BIT_STATES:
@@ -211,6 +243,14 @@ def tensor_breakdown(
         if projected and method in _RANKED:
             m, k = shape
             r = min(rank, m, k)
+            if method in _SLTRAIN:  # (α/r) B A + S: A (r×k), B (m×r), values (nnz)
+                nnz = int(density * m * k)
+                train = r * (m + k) + nnz
+                idx = nnz * float(index_bytes)
+                st = moments(r * k) + moments(m * r) + moments(nnz)
+                out.append(TensorMemory(name, shape, True, train, train * weight_bytes + idx,
+                                        train * grad_bytes, st, 0.0, 2 * train, idx))
+                continue
             if method in _GALORE:
                 low = r * max(m, k)  # moments of the projected gradient
                 proj = r * min(m, k)
@@ -236,6 +276,14 @@ def tensor_breakdown(
     return out
 
 
+def _sltrain_density(config: Any, density: Any) -> float:
+    if density is None:
+        return SLTRAIN_DENSITIES.get(config, 0.03) if isinstance(config, str) else 0.03
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    return float(density)
+
+
 def estimate_memory(
     config: str | LlamaConfig,
     method: str,
@@ -253,6 +301,8 @@ def estimate_memory(
     group_param_bytes: float = 2,
     lora_train_other: bool = True,
     per_layer_updates: bool = False,
+    density: float | None = None,
+    index_bytes: float = 8,
 ) -> MemoryReport:
     """Bytes of weights, gradients, optimizer states and projectors of training ``config``.
 
@@ -260,19 +310,23 @@ def estimate_memory(
     :data:`METHODS`; ``rank``: for the low-rank methods (default: :data:`DEFAULT_RANKS` for a
     paper name); byte sizes per element of weights (2: BF16), gradients (as weights) and Adam
     moments (2); ``proj_bits``: projector precision (16, or 4 for ``qgalore``); the remaining
-    options are described in the module docstring.
+    options are described in the module docstring (``density`` and ``index_bytes``: SLTrain).
     """
     tensors = tensor_breakdown(
         config, method, rank=rank, weight_bytes=weight_bytes, grad_bytes=grad_bytes,
         state_bytes=state_bytes, proj_bits=proj_bits, weight_bits=weight_bits,
         block_size=block_size, absmax_bytes=absmax_bytes, min_8bit_size=min_8bit_size,
         group_size=group_size, group_param_bytes=group_param_bytes,
-        lora_train_other=lora_train_other,
+        lora_train_other=lora_train_other, density=density, index_bytes=index_bytes,
     )
     if per_layer_updates:
         grads = max((t.grads for t in tensors), default=0.0)  # one gradient alive at a time
     else:
         grads = sum(t.grads for t in tensors)
+    options: dict[str, Any] = {"per_layer_updates": per_layer_updates, "weight_bytes": weight_bytes,
+                               "state_bytes": state_bytes, "proj_bits": proj_bits}
+    if method in _SLTRAIN:
+        options.update(density=_sltrain_density(config, density), index_bytes=index_bytes)
     used_rank = None
     if method in _RANKED:
         used_rank = rank if rank is not None else DEFAULT_RANKS[config]  # validated above
@@ -288,8 +342,8 @@ def estimate_memory(
         grad_bytes=grads,
         state_bytes=sum(t.states for t in tensors),
         projector_bytes=sum(t.projector for t in tensors),
-        options={"per_layer_updates": per_layer_updates, "weight_bytes": weight_bytes,
-                 "state_bytes": state_bytes, "proj_bits": proj_bits},
+        options=options,
+        index_bytes=sum(t.index for t in tensors),
     )
 
 
