@@ -6,9 +6,9 @@ by Gradient Low-Rank Projection", ICML 2024, arXiv 2403.03507, Algorithm 2 and E
 The projection
 --------------
 For a weight gradient ``G`` of shape (m, n) (out × in) and the thin SVD
-``G = U diag(s) Vh`` computed in float32 at steps 0, T, 2T, … (T = ``update_proj_gap``; the step
-counter is read before the optimizer increments it), with ``k = min(r, m, n)`` (a thin SVD has
-min(m, n) singular vectors):
+``G = U diag(s) Vh`` computed in float32 (float64 gradients keep a float64 SVD) at steps
+0, T, 2T, … (T = ``update_proj_gap``; the step counter is read before the optimizer increments
+it), with ``k = min(r, m, n)`` (a thin SVD has min(m, n) singular vectors):
 
 ============  ======================  =====================  ==================  ===========
 proj_type     side                    basis P                project R           project_back
@@ -163,11 +163,14 @@ class GaLoreProjector:
     def compute_basis(self, grad: Tensor) -> tuple[Tensor, Tensor | None]:
         """Float32 thin SVD of ``grad`` (m, n); return the basis for ``self.side``.
 
+        A float64 gradient keeps a float64 SVD (galore-torch would round it to float32), so that
+        identities such as "GaLore at full rank with SGD is SGD" hold to float64 rounding.
+
         Returns ``(ortho, ortho_right)``: left side (U[:, :k], None), right side (Vh[:k], None),
         full (U[:, :k], Vh[:k]); matrices in ``grad``'s dtype, as galore-torch. Raises
         ``torch.linalg.LinAlgError`` if the SVD does not converge.
         """
-        matrix = grad if grad.dtype == torch.float32 else grad.float()  # (m, n)
+        matrix = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()  # (m, n)
         U, s, Vh = torch.linalg.svd(matrix, full_matrices=False)  # (m, q), (q,), (q, n), q = min(m, n)
         r = self.rank
         # Copies (not views): a view would keep the whole U or Vh alive (galore-torch keeps it).
