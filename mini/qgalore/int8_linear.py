@@ -13,7 +13,7 @@ backward, hands it to a per-layer optimizer hook, and writes the update back as 
 Stochastic rounding is what makes this work: ``E[q'] = W'/s' + z'`` (see
 :mod:`mini.quant.groupwise` for the proof), so updates smaller than half a quantization step
 accumulate in expectation; rounding to nearest throws them away (the paper: perplexity rises by
-7.86 at 60M without it). The book explains this in Part II, GaLore chapter (``book/galore/``).
+7.86 at 60M without it). The book explains this in Part II, Q-GaLore chapter (``book/qgalore/``).
 
 The update, fused
 -----------------
