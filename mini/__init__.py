@@ -6,8 +6,9 @@ Each part of the book has its method here, next to the kernels and helpers every
 - :mod:`mini.cogo`: Part I, composing global optimizers for modular addition (Tian, 2024).
 - :mod:`mini.lm`: the tiny-LLM substrate of Parts II-IV (configs, corpus, trainer, memory).
 - :mod:`mini.quant`: block-wise 8-bit and group-wise INT4/INT8 quantization.
-- :mod:`mini.galore`, :mod:`mini.qgalore`: Part II, GaLore and Q-GaLore (the chapter is in
-  preparation; the library is tested).
+- :mod:`mini.galore`, :mod:`mini.qgalore`, :mod:`mini.sltrain`, :mod:`mini.welore`: Part II,
+  low-rank training (GaLore, Q-GaLore, SLTrain, WeLore); :mod:`mini.pretraining` sets up their
+  pretraining comparison.
 
 ``import mini`` works where triton is not installed: every kernel has a PyTorch reference.
 """

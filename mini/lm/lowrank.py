@@ -69,15 +69,26 @@ class LowRankLinear(nn.Module):
 
     ``A`` (rank × in) and ``B`` (out × rank) start as ``nn.Linear``'s default init of each factor
     (U(±1/√in) and U(±1/√rank)), so the product is random but not zero: the baseline trains both.
+    Its entries then have variance ``1/(9·in)``, a third of a default ``nn.Linear``'s.
+    ``device`` and ``dtype`` place the parameters, as for ``nn.Linear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = _check_features(in_features, out_features)
         self.rank = check_rank_for(rank, self.in_features, self.out_features)
-        self.A = nn.Parameter(torch.empty(self.rank, self.in_features))  # (r, in)
-        self.B = nn.Parameter(torch.empty(self.out_features, self.rank))  # (out, r)
-        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+        kw = {"device": device, "dtype": dtype}
+        self.A = nn.Parameter(torch.empty(self.rank, self.in_features, **kw))  # (r, in)
+        self.B = nn.Parameter(torch.empty(self.out_features, self.rank, **kw))  # (out, r)
+        self.bias = nn.Parameter(torch.empty(self.out_features, **kw)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -92,6 +103,7 @@ class LowRankLinear(nn.Module):
         return self.B @ self.A
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        """``x Aᵀ Bᵀ + b``, two thin matrix products (the dense ``B A`` is never formed)."""
         h = x @ self.A.t()  # (..., r)
         y = h @ self.B.t()  # (..., out)
         return y if self.bias is None else y + self.bias
@@ -184,7 +196,8 @@ def to_low_rank(
 
     def factory(name: str, lin: nn.Linear) -> nn.Module:
         r = min(int(rank), lin.in_features, lin.out_features)
-        return LowRankLinear(lin.in_features, lin.out_features, r, bias=lin.bias is not None)
+        return LowRankLinear(lin.in_features, lin.out_features, r, bias=lin.bias is not None,
+                             device=lin.weight.device, dtype=lin.weight.dtype)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -204,9 +217,25 @@ def apply_lora(
     ``alpha`` defaults to ``2 * rank`` (scale α/r = 2). With ``train_other`` the embeddings,
     norms and head stay trainable (the GaLore paper's LoRA pretraining baseline); without it
     only the adapters train (fine-tuning). The base projection weights are frozen either way.
+    A name in ``target_modules`` that is no ``nn.Linear`` of the model is an error.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0):
+        raise ValueError(f"alpha must be a positive number or None (2 * rank), got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if isinstance(target_modules, str) or not all(isinstance(t, str) and t for t in target_modules):
+        raise TypeError(f"target_modules must be a sequence of module names, got {target_modules!r}")
+    names = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in target_modules if t not in names]
+    if missing:
+        raise ValueError(
+            f"target_modules {missing} name no nn.Linear of the model; its linear module names are "
+            f"{sorted(names)}"
+        )
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover - peft is pinned in requirements.txt

@@ -1,0 +1,328 @@
+"""Measuring a training run so its memory can be trusted: a fresh process, peak RSS, state bytes.
+
+Used by Part II, GaLore chapter (``book/galore/``): the pretraining lab
+(``labs/galore/pretraining.ipynb``) trains every method of Zhao et al. (GaLore, arXiv 2403.03507,
+Table 2) with this module and sets the measured bytes beside :func:`mini.lm.memory.estimate_memory`.
+
+Why a fresh process. The peak resident memory of a process only grows; inside a notebook
+kernel it holds every earlier run, the plots and the libraries. Here each run happens in its
+own child process, which reports ``ru_maxrss`` (its peak resident set size) when it ends. A
+*baseline* child imports the same libraries, builds the same data and model and evaluates the
+validation batches once, but does not train; the difference ::
+
+    training memory = peak RSS(run) − peak RSS(baseline)
+
+is what training itself added: gradients, optimizer states, projectors, activations kept for
+backward, the SVD's workspace, and whatever the allocator did not return. It is a measurement,
+not an estimate: at the tiny model's scale (a few MB of states) activations and allocator
+rounding are of the same size as the differences between methods, which the lab shows.
+
+Children are started by ``multiprocessing`` with the ``"forkserver"`` method where the
+platform has it: a server process imports torch, transformers and ``preload`` once, and each
+child is forked from it, so a run costs milliseconds to start rather than the seconds of
+importing torch and transformers again; every child still starts from the same state (the
+server's), which is what makes the baseline subtraction fair. ``"spawn"`` (a new interpreter per
+run, which imports everything again: seconds per run) is available everywhere. Scripts that
+start runs need the usual ``if __name__ == "__main__":`` guard (notebooks do not).
+
+**Optimizer-state bytes** (:func:`state_bytes`) are counted from the tensors an optimizer
+actually holds: every tensor in ``optimizer.state`` (moments, 8-bit codes and their absmax,
+projector bases: a projector object is read through its ``state_dict()``, so an INT4 basis counts
+its packed bytes), except the ``step`` counters. Objects that are not ``torch.optim.Optimizer``
+(per-layer hook optimizers) are read through ``state_dict()``.
+
+What a run does is given by a *setup* function ``setup(model, **kwargs) -> TrainSetup`` that
+builds the optimizer (and may convert the model, e.g. to LoRA); it must be a module-level
+function so it can be sent to the child (see :mod:`mini.pretraining` for the GaLore chapter's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import multiprocessing as mp
+import numbers
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mini.lm.config import build_model, tiny_llama_config
+from mini.lm.data import eval_batches, synthetic_lm_data
+from mini.lm.trainer import History, TrainerConfig, evaluate_lm, train_lm
+
+__all__ = [
+    "DEFAULT_PRELOAD",
+    "TrainSetup",
+    "RunSpec",
+    "RunResult",
+    "peak_rss_bytes",
+    "state_bytes",
+    "run_in_fresh_process",
+    "start_fork_server",
+    "measure_training",
+    "measure_in_fresh_process",
+]
+
+#: Modules every child imports before it builds anything (and the fork server preloads), so the
+#: baseline and the runs carry the same libraries.
+DEFAULT_PRELOAD: tuple[str, ...] = ("torch", "transformers", "mini.lm")
+
+START_METHODS = ("forkserver", "spawn", "fork")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes (``ru_maxrss``; kB on Linux,
+    bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _tensor_bytes(obj: Any, skip_keys: tuple[str, ...] = ("step",), _seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable through dicts, lists, tuples and ``state_dict()``."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v, skip_keys, seen) for k, v in obj.items() if k not in skip_keys)
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, skip_keys, seen) for v in obj)
+    if hasattr(obj, "state_dict") and callable(obj.state_dict) and not isinstance(obj, nn.Module):
+        seen.add(id(obj))
+        return _tensor_bytes(obj.state_dict(), skip_keys, seen)
+    return 0
+
+
+def state_bytes(optimizer: Any) -> int:
+    """Bytes of the tensors an optimizer holds as state, ``step`` counters excluded.
+
+    ``torch.optim.Optimizer``: everything in ``optimizer.state`` (objects such as GaLore's
+    projectors through their ``state_dict()``); any other object with ``state_dict()`` (e.g.
+    per-layer hook optimizers): the tensors of its state dict.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return _tensor_bytes(list(optimizer.state.values()))
+    if hasattr(optimizer, "state_dict") and callable(optimizer.state_dict):
+        return _tensor_bytes(optimizer.state_dict())
+    raise TypeError(
+        f"optimizer must be a torch.optim.Optimizer or have a state_dict() method, got {type(optimizer).__name__}"
+    )
+
+
+@dataclass
+class TrainSetup:
+    """What a setup function returns: the (possibly converted) model and what updates it.
+
+    ``optimizer`` goes to :func:`~mini.lm.trainer.train_lm` (None: per-layer hooks only);
+    ``state_holders`` are the objects whose state is counted by :func:`state_bytes` (default:
+    the optimizer); ``scheduler`` is stepped once per step; ``info`` is called after training
+    for extra numbers to report (e.g. the number of SVDs).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    state_holders: list[Any] = field(default_factory=list)
+    scheduler: Any | None = None
+    info: Callable[[], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(self.model).__name__}")
+        if self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(self.optimizer).__name__}")
+        if not self.state_holders and self.optimizer is not None:
+            self.state_holders = [self.optimizer]
+
+
+@dataclass
+class RunSpec:
+    """One measured run: the data, the model, the trainer settings and the setup to call.
+
+    ``setup(model, **setup_kwargs)`` returns a :class:`TrainSetup`; ``setup=None`` is the
+    baseline (build everything, evaluate once, train nothing). ``model`` holds
+    :func:`~mini.lm.config.tiny_llama_config` overrides; the corpus is
+    :func:`~mini.lm.data.synthetic_lm_data` of ``n_documents`` documents.
+    """
+
+    name: str
+    setup: Callable[..., TrainSetup] | None
+    setup_kwargs: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    model_seed: int = 0
+    n_documents: int = 2000
+    data_seed: int = 0
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(progress=False))
+    preload: tuple[str, ...] = DEFAULT_PRELOAD
+    threads: int | None = None  #: torch threads in the child, or None for torch's default
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if self.setup is not None and not callable(self.setup):
+            raise TypeError(f"setup must be callable or None (the baseline), got {type(self.setup).__name__}")
+        if not isinstance(self.trainer, TrainerConfig):
+            raise TypeError(f"trainer must be a TrainerConfig, got {type(self.trainer).__name__}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be None or a positive integer, got {self.threads!r}")
+        self.preload = tuple(self.preload)
+
+
+@dataclass
+class RunResult:
+    """What a measured run reports (plain data: it crosses the process boundary by pickle)."""
+
+    name: str
+    history: History  #: the trainer's history (empty for the baseline)
+    n_params: int  #: parameters of the (converted) model, frozen ones included
+    n_trainable: int  #: parameters that require grad (Int8 hook-trained weights not included)
+    state_bytes: int  #: bytes of the optimizers' state tensors after training
+    peak_rss: int  #: peak resident set size of the process, bytes
+    start_rss: int  #: peak RSS when the child started (inherited from its parent), bytes
+    wall_s: float  #: seconds in the child, from start to the end of training
+    train_s: float  #: wall seconds of ``train_lm``
+    train_cpu_s: float  #: CPU seconds of ``train_lm`` (all threads; on a busy machine < wall)
+    pid: int  #: the child's process id (each run has its own)
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  #: warnings the child raised (deduplicated)
+
+    @property
+    def final_val_ppl(self) -> float:
+        """Validation perplexity after the last step (NaN for the baseline)."""
+        return self.history.val_ppl[-1] if self.history.val_ppl else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["history"] = self.history.to_dict()
+        return d
+
+
+def measure_training(spec: RunSpec) -> RunResult:
+    """Run ``spec`` in this process and report it (call it in a fresh process: see
+    :func:`measure_in_fresh_process`). Warnings are collected into the result, not printed."""
+    if not isinstance(spec, RunSpec):
+        raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _measure(spec)
+    seen: dict[str, None] = {}
+    for w in caught:
+        seen.setdefault(f"{w.category.__name__}: {w.message}", None)
+    result.warnings = list(seen)
+    return result
+
+
+def _measure(spec: RunSpec) -> RunResult:
+    t0 = time.perf_counter()
+    start_rss = peak_rss_bytes()
+    for module in spec.preload:
+        importlib.import_module(module)
+    if spec.threads is not None:
+        torch.set_num_threads(int(spec.threads))
+    data = synthetic_lm_data(spec.n_documents, seed=spec.data_seed)
+    config = tiny_llama_config(vocab_size=data.tokenizer.vocab_size, **spec.model)
+    model = build_model(config, seed=spec.model_seed)
+    tc = spec.trainer
+    if spec.setup is None:  # the baseline: the same objects, one evaluation, no training
+        evaluate_lm(model, eval_batches(data.val_ids, tc.batch_size, tc.seq_len, tc.eval_batches))
+        n = sum(p.numel() for p in model.parameters())
+        return RunResult(spec.name, History(), n, n, 0, peak_rss_bytes(), start_rss,
+                         time.perf_counter() - t0, 0.0, 0.0, os.getpid())
+    # Seeded before the setup too: a setup that draws from the global generators (an adapter's
+    # init, say) must not depend on the state this process inherited.
+    random.seed(spec.model_seed)
+    np.random.seed(spec.model_seed)
+    torch.manual_seed(spec.model_seed)
+    setup = spec.setup(model, **spec.setup_kwargs)
+    if not isinstance(setup, TrainSetup):
+        raise TypeError(f"setup must return a TrainSetup, got {type(setup).__name__}")
+    t1, c1 = time.perf_counter(), time.process_time()
+    history = train_lm(setup.model, setup.optimizer, data, tc, scheduler=setup.scheduler)
+    train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+    info = dict(setup.info()) if setup.info is not None else {}
+    return RunResult(
+        name=spec.name,
+        history=history,
+        n_params=sum(p.numel() for p in setup.model.parameters()),
+        n_trainable=sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
+        state_bytes=sum(state_bytes(h) for h in setup.state_holders),
+        peak_rss=peak_rss_bytes(),
+        start_rss=start_rss,
+        wall_s=time.perf_counter() - t0,
+        train_s=train_s,
+        train_cpu_s=train_cpu_s,
+        pid=os.getpid(),
+        info=info,
+    )
+
+
+def _context(start_method: str | None, preload: Sequence[str]) -> Any:
+    if start_method is None:
+        start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS} or None, got {start_method!r}")
+    if start_method not in mp.get_all_start_methods():
+        raise ValueError(f"start_method {start_method!r} is not available here; available: {mp.get_all_start_methods()}")
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        # Takes effect when the server starts (the first forkserver child of this process); a
+        # server already running keeps its modules, and the child imports the rest itself.
+        ctx.set_forkserver_preload(list(preload))
+    return ctx
+
+
+def start_fork_server(preload: Sequence[str] = DEFAULT_PRELOAD) -> bool:
+    """Start the fork server now, in the background, so its imports overlap the caller's work.
+
+    Returns False (and does nothing) where the platform has no ``"forkserver"`` method. Later
+    :func:`run_in_fresh_process` calls use the running server (whose preload list is then fixed).
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return False
+    from multiprocessing import forkserver
+
+    _context("forkserver", preload)
+    forkserver.ensure_running()  # spawns the server and returns; the server imports on its own
+    return True
+
+
+def run_in_fresh_process(
+    fn: Callable[..., Any],
+    *args: Any,
+    start_method: str | None = None,
+    preload: Sequence[str] = DEFAULT_PRELOAD,
+    timeout: float | None = None,
+) -> Any:
+    """``fn(*args)`` in a new child process; its return value (pickled back), or its exception.
+
+    ``fn`` must be picklable (a module-level function). ``start_method``: ``"forkserver"``
+    (default where available), ``"spawn"`` or ``"fork"``; ``timeout`` in seconds (None: wait).
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
+        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
+    ctx = _context(start_method, preload)
+    with ctx.Pool(1, maxtasksperchild=1) as pool:  # one task, then the worker exits
+        return pool.apply_async(fn, args).get(timeout)
+
+
+def measure_in_fresh_process(
+    spec: RunSpec, start_method: str | None = None, timeout: float | None = None
+) -> RunResult:
+    """:func:`measure_training` of ``spec`` in a new child process (see the module docstring)."""
+    if not isinstance(spec, RunSpec):
+        raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
+    return run_in_fresh_process(measure_training, spec, start_method=start_method, preload=spec.preload,
+                                timeout=timeout)

@@ -1,0 +1,151 @@
+"""Tests of mini.lm.measure: peak RSS, optimizer-state bytes, fresh-process runs, RunSpec/TrainSetup."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from mini.lm import TrainerConfig
+from mini.lm.measure import (
+    RunResult,
+    RunSpec,
+    TrainSetup,
+    measure_in_fresh_process,
+    measure_training,
+    peak_rss_bytes,
+    run_in_fresh_process,
+    state_bytes,
+)
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=2)
+FAST = TrainerConfig(steps=3, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, grad_clip=None,
+                     progress=False)
+
+
+# module-level, so the child processes can import them ------------------------------------------
+
+
+def sgd_setup(model: nn.Module, lr: float = 0.1) -> TrainSetup:
+    return TrainSetup(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
+                      info=lambda: {"lr": lr})
+
+
+def allocate_and_report(n_bytes: int) -> tuple[int, int, int]:
+    before = peak_rss_bytes()
+    block = torch.ones(n_bytes // 4)  # float32, touched by the fill
+    after = peak_rss_bytes()
+    return before, after + 0 * int(block[0]), os.getpid()
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_peak_rss_in_a_fresh_process():
+    before, after, pid = run_in_fresh_process(allocate_and_report, 64 * 2**20)
+    assert pid != os.getpid()
+    assert after - before >= 56 * 2**20  # the 64 MiB block shows in the child's peak
+    assert peak_rss_bytes() > 0
+
+
+def test_fresh_process_errors_and_exceptions():
+    with pytest.raises(ValueError, match="boom in the child"):
+        run_in_fresh_process(fail, "boom in the child")
+    with pytest.raises(TypeError, match="fn must be callable"):
+        run_in_fresh_process(3)
+    with pytest.raises(ValueError, match="timeout must be None or a positive number"):
+        run_in_fresh_process(fail, "x", timeout=0)
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        run_in_fresh_process(fail, "x", start_method="thread")
+
+
+def test_state_bytes_counts_state_tensors():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+    n = sum(p.numel() for p in model.parameters())
+    adam = torch.optim.AdamW(model.parameters())
+    assert state_bytes(adam) == 0  # nothing before the first step
+    model(torch.randn(3, 8)).sum().backward()
+    adam.step()
+    assert state_bytes(adam) == 2 * n * 4  # two float32 moments; the step counters excluded
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sgd.step()
+    assert state_bytes(sgd) == n * 4
+
+    class Holder:  # anything with a state_dict: nested dicts, lists and objects are walked
+        def state_dict(self):
+            inner = type("P", (), {"state_dict": lambda self: {"basis": torch.zeros(5, dtype=torch.uint8)}})()
+            return {"states": [{"m": torch.zeros(3), "step": torch.zeros(100)}, {"proj": inner}]}
+
+    assert state_bytes(Holder()) == 3 * 4 + 5
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or have a state_dict"):
+        state_bytes(3)
+
+
+def test_measure_training_in_process():
+    spec = RunSpec("sgd", sgd_setup, {"lr": 0.05}, model=SMALL, n_documents=60, trainer=FAST)
+    r = measure_training(spec)
+    assert isinstance(r, RunResult) and r.name == "sgd"
+    assert r.history.step == [1, 2, 3] and r.history.val_step == [2, 3]
+    assert r.n_params == r.n_trainable > 0
+    assert r.state_bytes == r.n_params * 4  # SGD momentum buffers
+    assert r.info == {"lr": 0.05}
+    assert r.peak_rss >= r.start_rss > 0 and r.train_s > 0 and r.train_cpu_s > 0 and r.pid == os.getpid()
+    assert r.final_val_ppl == r.history.val_ppl[-1]
+    assert r.to_dict()["history"]["step"] == [1, 2, 3]
+    base = measure_training(RunSpec("baseline", None, model=SMALL, n_documents=60, trainer=FAST))
+    assert base.history.step == [] and base.state_bytes == 0 and math.isnan(base.final_val_ppl)
+
+
+def test_measure_in_fresh_processes():
+    base = measure_in_fresh_process(RunSpec("baseline", None, model=SMALL, n_documents=60, trainer=FAST))
+    run = measure_in_fresh_process(RunSpec("sgd", sgd_setup, model=SMALL, n_documents=60, trainer=FAST))
+    assert len({base.pid, run.pid, os.getpid()}) == 3  # every run in its own process
+    assert run.peak_rss >= base.start_rss
+    same = measure_training(RunSpec("sgd", sgd_setup, model=SMALL, n_documents=60, trainer=FAST))
+    assert run.history.train_loss == same.history.train_loss  # seeded: the child trains as we do
+
+
+def test_spec_and_setup_errors():
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        RunSpec("", None)
+    with pytest.raises(TypeError, match="setup must be callable or None"):
+        RunSpec("x", "adamw")
+    with pytest.raises(TypeError, match="trainer must be a TrainerConfig"):
+        RunSpec("x", None, trainer={"steps": 3})
+    with pytest.raises(ValueError, match="threads must be None or a positive integer"):
+        RunSpec("x", None, threads=0)
+    with pytest.raises(TypeError, match="spec must be a RunSpec"):
+        measure_training({"name": "x"})
+    with pytest.raises(TypeError, match="spec must be a RunSpec"):
+        measure_in_fresh_process("x")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        TrainSetup("model", None)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None"):
+        TrainSetup(nn.Linear(2, 2), "sgd")
+    bad = RunSpec("bad", lambda model: model, model=SMALL, n_documents=60, trainer=FAST)
+    with pytest.raises(TypeError, match="setup must return a TrainSetup"):
+        measure_training(bad)
+
+
+def noisy_setup(model: nn.Module) -> TrainSetup:
+    """A setup that draws from the global generator, as peft's adapter init does."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    return sgd_setup(model)
+
+
+def test_measure_training_seeds_before_the_setup():
+    spec = RunSpec("noisy", noisy_setup, model=SMALL, n_documents=60, trainer=FAST)
+    torch.manual_seed(123)
+    a = measure_training(spec)
+    torch.manual_seed(456)
+    b = measure_training(spec)
+    assert a.history.train_loss == b.history.train_loss
