@@ -63,6 +63,7 @@ bench: venv
 	$(BIN)/python bench/galore_step.py
 	$(BIN)/python bench/quant8.py
 	$(BIN)/python bench/qgalore_update.py
+	$(BIN)/python bench/sltrain_layer.py
 
 clean:
 	rm -rf _build .pytest_cache
