@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -13,11 +14,13 @@ from mini.lm.measure import (
     RunResult,
     RunSpec,
     TrainSetup,
+    fix_malloc_thresholds,
     measure_in_fresh_process,
     measure_training,
     peak_rss_bytes,
     run_in_fresh_process,
     state_bytes,
+    training_step_bytes,
 )
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -121,6 +124,10 @@ def test_spec_and_setup_errors():
         RunSpec("x", None, trainer={"steps": 3})
     with pytest.raises(ValueError, match="threads must be None or a positive integer"):
         RunSpec("x", None, threads=0)
+    for bad_threshold in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="mmap_threshold must be None or a positive number of bytes"):
+            RunSpec("x", None, mmap_threshold=bad_threshold)
+    assert RunSpec("x", None).mmap_threshold == 1 << 16 and RunSpec("x", None, mmap_threshold=None).mmap_threshold is None
     with pytest.raises(TypeError, match="spec must be a RunSpec"):
         measure_training({"name": "x"})
     with pytest.raises(TypeError, match="spec must be a RunSpec"):
@@ -149,3 +156,60 @@ def test_measure_training_seeds_before_the_setup():
     torch.manual_seed(456)
     b = measure_training(spec)
     assert a.history.train_loss == b.history.train_loss
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def churn(fix: bool) -> tuple[bool, int, int]:
+    """In a child: free a 4 MiB block (which raises glibc's adaptive mmap threshold), then keep 48
+    blocks of 1 MiB alive together and free them; report (fixed?, peak growth, resident growth)."""
+    ok = fix_malloc_thresholds(1 << 16) if fix else False
+    torch.ones(1000).sum()  # torch's first op allocates for good: not part of the churn
+    before, peak0 = _resident_bytes(), peak_rss_bytes()
+    big = torch.ones(2**20)  # 4 MiB
+    del big
+    blocks = [torch.ones(2**18) for _ in range(48)]  # 48 x 1 MiB
+    pin = torch.ones(16)  # a small tensor that outlives the blocks (in the heap above them, if they are there)
+    del blocks
+    return ok, peak_rss_bytes() - peak0, _resident_bytes() - before + 0 * int(pin[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_fixed_malloc_thresholds_return_freed_memory():
+    ok, peak, resident = run_in_fresh_process(churn, True)
+    assert ok
+    assert peak >= 40 * 2**20  # the 48 MiB alive together show in the peak
+    assert resident < 2 * 2**20  # and went back to the system when freed
+    _, _, resident_default = run_in_fresh_process(churn, False)
+    assert resident_default > 32 * 2**20  # glibc's adaptive default: the blocks came from the heap, and stay
+
+
+def test_training_step_bytes_counts_what_a_step_holds():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.Linear(16, 4, bias=False))
+    x, y = torch.randn(5, 8), torch.zeros(5, 4)
+
+    def loss_fn(m, a, b):  # sum() saves no tensor: only the linears' inputs are saved
+        return m(a).sum()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    got = training_step_bytes(model, (x, y), loss_fn=loss_fn)
+    n = (8 * 16 + 16 * 4) * 4
+    assert got == {"weights": n, "gradients": n, "optimizer state": 2 * n,
+                   "saved activations": (5 * 8 + 5 * 16) * 4, "total": 4 * n + (5 * 8 + 5 * 16) * 4}
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # a copy was trained
+    model[0].weight.requires_grad_(False)  # frozen first layer: its input is not saved, no grad or state
+    got = training_step_bytes(model, (x, y), loss_fn=loss_fn,
+                              optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    m = 16 * 4 * 4
+    assert got["gradients"] == m and got["optimizer state"] == m and got["saved activations"] == 5 * 16 * 4
+    model[1].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        training_step_bytes(model, (x, y), loss_fn=loss_fn)
+    with pytest.raises(ValueError, match="batch must be a pair"):
+        training_step_bytes(model, x)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        training_step_bytes("model", (x, y))

@@ -13,7 +13,10 @@ validation batches once, but does not train; the difference ::
     training memory = peak RSS(run) − peak RSS(baseline)
 
 is what training itself added: gradients, optimizer states, projectors, activations kept for
-backward, the SVD's workspace, and whatever the allocator did not return. It is a measurement,
+backward, the SVD's workspace, and whatever the allocator did not return. So that the last
+term is small and does not depend on what ran before, each child first fixes glibc's mmap
+threshold at 64 KiB (:func:`fix_malloc_thresholds`, ``RunSpec.mmap_threshold``): tensors of
+64 KiB and more are then returned to the system when freed. It is a measurement,
 not an estimate: at the tiny model's scale (a few MB of states) activations and allocator
 rounding are of the same size as the differences between methods, which the lab shows.
 
@@ -37,6 +40,7 @@ function so it can be sent to the child (see :mod:`mini.pretraining` for the GaL
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import multiprocessing as mp
@@ -65,11 +69,14 @@ __all__ = [
     "RunSpec",
     "RunResult",
     "peak_rss_bytes",
+    "fix_malloc_thresholds",
     "state_bytes",
+    "training_step_bytes",
     "run_in_fresh_process",
     "start_fork_server",
     "measure_training",
     "measure_in_fresh_process",
+    "measure_in_fresh_processes",
 ]
 
 #: Modules every child imports before it builds anything (and the fork server preloads), so the
@@ -120,6 +127,60 @@ def state_bytes(optimizer: Any) -> int:
     )
 
 
+def training_step_bytes(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+) -> dict[str, int]:
+    """The bytes one training step of ``model`` on ``batch`` holds, counted tensor by tensor.
+
+    Where a CPU has no allocator counter (``torch.cuda.max_memory_allocated``), this counts the
+    part of a step's memory a GPU comparison is about: ``"weights"`` (every parameter),
+    ``"gradients"`` (of the parameters that require grad), ``"optimizer state"`` (after one step,
+    :func:`state_bytes`; default optimizer :class:`torch.optim.AdamW`) and ``"saved activations"``:
+    the tensors autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``), each
+    storage once, parameters excluded. ``"total"`` is their sum. Allocator slack, temporaries and
+    workspaces are not counted. The step runs on a deep copy: ``model`` is not changed.
+    ``loss_fn(model, x, y)`` defaults to :func:`~mini.lm.trainer.lm_loss`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError("batch must be a pair (inputs, targets) of tensors")
+    from mini.lm.trainer import lm_loss
+
+    loss_fn = lm_loss if loss_fn is None else loss_fn
+    model = copy.deepcopy(model)  # this step must not train the caller's model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter that requires grad: there is no training step to count")
+    optimizer = torch.optim.AdamW(params) if optimizer_factory is None else optimizer_factory(params)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x, y = batch
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model, x, y)
+    loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    optimizer.step()
+    out = {
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "gradients": grads,
+        "optimizer state": state_bytes(optimizer),
+        "saved activations": sum(saved.values()),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
 @dataclass
 class TrainSetup:
     """What a setup function returns: the (possibly converted) model and what updates it.
@@ -165,6 +226,9 @@ class RunSpec:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(progress=False))
     preload: tuple[str, ...] = DEFAULT_PRELOAD
     threads: int | None = None  #: torch threads in the child, or None for torch's default
+    #: glibc's mmap threshold fixed in the child (bytes; None: glibc's adaptive default). See
+    #: :func:`fix_malloc_thresholds`: it makes the peak RSS follow the live tensors.
+    mmap_threshold: int | None = 1 << 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -176,6 +240,10 @@ class RunSpec:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral)
                                          or self.threads < 1):
             raise ValueError(f"threads must be None or a positive integer, got {self.threads!r}")
+        if self.mmap_threshold is not None and (isinstance(self.mmap_threshold, bool)
+                                                or not isinstance(self.mmap_threshold, numbers.Integral)
+                                                or self.mmap_threshold < 1):
+            raise ValueError(f"mmap_threshold must be None or a positive number of bytes, got {self.mmap_threshold!r}")
         self.preload = tuple(self.preload)
 
 
@@ -223,8 +291,31 @@ def measure_training(spec: RunSpec) -> RunResult:
     return result
 
 
+def fix_malloc_thresholds(nbytes: int) -> bool:
+    """Make glibc serve every allocation of ``nbytes`` or more by ``mmap`` and return it at free.
+
+    glibc's default threshold adapts: after a large block is freed it rises (up to 32 MiB), and
+    later blocks of that size come from the heap, where freed memory stays resident. The peak
+    RSS then depends on the order of earlier allocations, not only on what was alive: the same
+    run measured 69 MiB over its baseline from a script and 84 MiB from a Jupyter kernel. A fixed
+    threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the adaptation off) and a trim
+    threshold of the same size make resident memory follow the live tensors. Returns False
+    where the C library has no ``mallopt`` (not glibc), doing nothing.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, int(nbytes))) and bool(mallopt(m_trim_threshold, int(nbytes)))
+
+
 def _measure(spec: RunSpec) -> RunResult:
     t0 = time.perf_counter()
+    if spec.mmap_threshold is not None:
+        fix_malloc_thresholds(spec.mmap_threshold)
     start_rss = peak_rss_bytes()
     for module in spec.preload:
         importlib.import_module(module)
@@ -326,3 +417,40 @@ def measure_in_fresh_process(
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
     return run_in_fresh_process(measure_training, spec, start_method=start_method, preload=spec.preload,
                                 timeout=timeout)
+
+
+def measure_in_fresh_processes(
+    specs: Sequence[RunSpec], processes: int = 1, start_method: str | None = None, timeout: float | None = None
+) -> list[RunResult]:
+    """:func:`measure_training` of every spec, each in its own new child process, ``processes``
+    at a time; the results in the order of ``specs``.
+
+    Small models use two cores poorly (the tiny Llama's step is 1.25x faster on two threads
+    than on one), so two one-thread runs side by side finish sooner than two two-thread runs in
+    turn. With ``processes > 1`` every spec must set ``threads``, and ``threads x processes``
+    must not exceed the machine's cores: oversubscribed threads make small tensor ops many times
+    slower, and the runs would then measure each other. Peak RSS stays per process, so the
+    baseline subtraction is unchanged; step times are those of a machine running
+    ``processes`` runs.
+    """
+    specs = list(specs)
+    if not specs or not all(isinstance(s, RunSpec) for s in specs):
+        raise TypeError("specs must be a non-empty sequence of RunSpec")
+    if isinstance(processes, bool) or not isinstance(processes, numbers.Integral) or processes < 1:
+        raise ValueError(f"processes must be a positive integer, got {processes!r}")
+    if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
+        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
+    if processes > 1:
+        cores = os.cpu_count() or 1
+        unset = [s.name for s in specs if s.threads is None]
+        if unset:
+            raise ValueError(f"with processes={processes} every spec must set threads (e.g. 1); unset in {unset}")
+        over = [s.name for s in specs if s.threads * processes > cores]
+        if over:
+            raise ValueError(f"threads x processes exceeds the {cores} cores of this machine for {over}: "
+                             "the runs would oversubscribe the CPU")
+    # The server preloads the first spec's modules; every child still imports its own spec's preload.
+    ctx = _context(start_method, specs[0].preload)
+    with ctx.Pool(processes, maxtasksperchild=1) as pool:  # each worker runs one spec, then exits
+        pending = [pool.apply_async(measure_training, (s,)) for s in specs]
+        return [p.get(timeout) for p in pending]
