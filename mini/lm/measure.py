@@ -226,8 +226,9 @@ class RunSpec:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(progress=False))
     preload: tuple[str, ...] = DEFAULT_PRELOAD
     threads: int | None = None  #: torch threads in the child, or None for torch's default
-    #: glibc's mmap threshold fixed in the child (bytes; None: glibc's adaptive default). See
-    #: :func:`fix_malloc_thresholds`: it makes the peak RSS follow the live tensors.
+    #: glibc's mmap threshold fixed in the child by :func:`measure_in_fresh_process` (bytes; None:
+    #: glibc's adaptive default; :func:`measure_training` in the caller's process leaves the
+    #: allocator alone). See :func:`fix_malloc_thresholds`: it makes the peak RSS follow the live tensors.
     mmap_threshold: int | None = 1 << 16
 
     def __post_init__(self) -> None:
@@ -312,10 +313,16 @@ def fix_malloc_thresholds(nbytes: int) -> bool:
     return bool(mallopt(m_mmap_threshold, int(nbytes))) and bool(mallopt(m_trim_threshold, int(nbytes)))
 
 
+def _measure_in_child(spec: RunSpec) -> RunResult:
+    """:func:`measure_training` in a fresh child, after fixing its allocator's thresholds (the
+    process is the run's alone, so changing its allocator affects nothing else)."""
+    if isinstance(spec, RunSpec) and spec.mmap_threshold is not None:
+        fix_malloc_thresholds(spec.mmap_threshold)
+    return measure_training(spec)
+
+
 def _measure(spec: RunSpec) -> RunResult:
     t0 = time.perf_counter()
-    if spec.mmap_threshold is not None:
-        fix_malloc_thresholds(spec.mmap_threshold)
     start_rss = peak_rss_bytes()
     for module in spec.preload:
         importlib.import_module(module)
@@ -415,7 +422,7 @@ def measure_in_fresh_process(
     """:func:`measure_training` of ``spec`` in a new child process (see the module docstring)."""
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
-    return run_in_fresh_process(measure_training, spec, start_method=start_method, preload=spec.preload,
+    return run_in_fresh_process(_measure_in_child, spec, start_method=start_method, preload=spec.preload,
                                 timeout=timeout)
 
 
@@ -452,5 +459,5 @@ def measure_in_fresh_processes(
     # The server preloads the first spec's modules; every child still imports its own spec's preload.
     ctx = _context(start_method, specs[0].preload)
     with ctx.Pool(processes, maxtasksperchild=1) as pool:  # each worker runs one spec, then exits
-        pending = [pool.apply_async(measure_training, (s,)) for s in specs]
+        pending = [pool.apply_async(_measure_in_child, (s,)) for s in specs]
         return [p.get(timeout) for p in pending]
