@@ -63,7 +63,7 @@ from torch import nn
 
 from mini.galore import GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
 from mini.lm.lowrank import apply_lora, replace_linears, to_low_rank
-from mini.lm.measure import RunSpec, TrainSetup
+from mini.lm.measure import DEFAULT_MMAP_THRESHOLD, RunSpec, TrainSetup
 from mini.lm.trainer import TrainerConfig
 from mini.qgalore import Int8LayerwiseQGaLore, Int8Linear, QGaLoreAdamW
 from mini.sltrain import convert_to_sltrain
@@ -289,9 +289,13 @@ def run_spec(
     data_seed: int = 0,
     model_seed: int = 0,
     threads: int | None = None,
+    mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD,
     **hparams: Any,
 ) -> RunSpec:
     """The :class:`~mini.lm.measure.RunSpec` of ``method`` (None: the baseline that trains nothing).
+
+    ``mmap_threshold=None`` leaves the child's allocator at glibc's (faster) default, for runs
+    whose peak memory is not read (see :func:`mini.lm.measure.fix_malloc_thresholds`).
 
     Every run preloads the libraries of all methods (peft, mini.galore, mini.qgalore), so the
     baseline's peak memory carries the same imports.
@@ -311,4 +315,5 @@ def run_spec(
         trainer=trainer,
         preload=PRELOAD,
         threads=threads,
+        mmap_threshold=mmap_threshold,
     )

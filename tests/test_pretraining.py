@@ -9,7 +9,7 @@ import torch
 
 from mini.galore import GaLoreAdamW
 from mini.lm import TrainerConfig, build_model, estimate_memory, synthetic_lm_data, tiny_llama_config
-from mini.lm.measure import measure_training
+from mini.lm.measure import RunSpec, measure_training
 from mini.pretraining import (
     MEMORY_METHOD,
     PRETRAINING_METHODS,
@@ -149,6 +149,8 @@ def test_method_errors(cfg):
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         run_spec("galore", FAST, rank=-2)  # validated in the parent, before any child starts
     assert run_spec(None, FAST).setup is None and run_spec(None, FAST).name == "baseline"
+    assert run_spec("adamw", FAST).mmap_threshold == RunSpec("x", None).mmap_threshold > 0  # measured by default
+    assert run_spec("adamw", FAST, mmap_threshold=None).mmap_threshold is None
 
 
 def test_lora_setup_is_seeded(cfg):

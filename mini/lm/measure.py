@@ -65,6 +65,7 @@ from mini.lm.trainer import History, TrainerConfig, evaluate_lm, train_lm
 
 __all__ = [
     "DEFAULT_PRELOAD",
+    "DEFAULT_MMAP_THRESHOLD",
     "TrainSetup",
     "RunSpec",
     "RunResult",
@@ -84,6 +85,9 @@ __all__ = [
 DEFAULT_PRELOAD: tuple[str, ...] = ("torch", "transformers", "mini.lm")
 
 START_METHODS = ("forkserver", "spawn", "fork")
+
+#: glibc mmap threshold a measured child fixes by default (bytes): see :func:`fix_malloc_thresholds`.
+DEFAULT_MMAP_THRESHOLD = 1 << 16
 
 
 def peak_rss_bytes() -> int:
@@ -229,7 +233,7 @@ class RunSpec:
     #: glibc's mmap threshold fixed in the child by :func:`measure_in_fresh_process` (bytes; None:
     #: glibc's adaptive default; :func:`measure_training` in the caller's process leaves the
     #: allocator alone). See :func:`fix_malloc_thresholds`: it makes the peak RSS follow the live tensors.
-    mmap_threshold: int | None = 1 << 16
+    mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -316,7 +320,7 @@ def fix_malloc_thresholds(nbytes: int) -> bool:
 def _measure_in_child(spec: RunSpec) -> RunResult:
     """:func:`measure_training` in a fresh child, after fixing its allocator's thresholds (the
     process is the run's alone, so changing its allocator affects nothing else)."""
-    if isinstance(spec, RunSpec) and spec.mmap_threshold is not None:
+    if spec.mmap_threshold is not None:
         fix_malloc_thresholds(spec.mmap_threshold)
     return measure_training(spec)
 
@@ -380,6 +384,11 @@ def _context(start_method: str | None, preload: Sequence[str]) -> Any:
     return ctx
 
 
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
+        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
+
+
 def start_fork_server(preload: Sequence[str] = DEFAULT_PRELOAD) -> bool:
     """Start the fork server now, in the background, so its imports overlap the caller's work.
 
@@ -409,8 +418,7 @@ def run_in_fresh_process(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
-        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
+    _check_timeout(timeout)
     ctx = _context(start_method, preload)
     with ctx.Pool(1, maxtasksperchild=1) as pool:  # one task, then the worker exits
         return pool.apply_async(fn, args).get(timeout)
@@ -422,8 +430,7 @@ def measure_in_fresh_process(
     """:func:`measure_training` of ``spec`` in a new child process (see the module docstring)."""
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
-    return run_in_fresh_process(_measure_in_child, spec, start_method=start_method, preload=spec.preload,
-                                timeout=timeout)
+    return measure_in_fresh_processes([spec], start_method=start_method, timeout=timeout)[0]
 
 
 def measure_in_fresh_processes(
@@ -445,8 +452,7 @@ def measure_in_fresh_processes(
         raise TypeError("specs must be a non-empty sequence of RunSpec")
     if isinstance(processes, bool) or not isinstance(processes, numbers.Integral) or processes < 1:
         raise ValueError(f"processes must be a positive integer, got {processes!r}")
-    if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
-        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
+    _check_timeout(timeout)
     if processes > 1:
         cores = os.cpu_count() or 1
         unset = [s.name for s in specs if s.threads is None]
