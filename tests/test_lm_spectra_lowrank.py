@@ -366,3 +366,24 @@ def test_apply_lora_errors(model, kwargs, exc, match):
 def test_apply_lora_model_type():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         apply_lora("model", rank=2)
+
+
+def test_best_rank_approximation_is_the_truncated_svd():
+    from mini.lm.lowrank import best_rank_approximation
+
+    torch.manual_seed(0)
+    W = torch.randn(12, 7)
+    s = torch.linalg.svdvals(W.double())  # (7,)
+    for r in (1, 3, 7):
+        Wr = best_rank_approximation(W, r)
+        assert Wr.shape == (12, 7) and Wr.dtype == torch.float64
+        assert torch.linalg.matrix_rank(Wr).item() == r
+        # Eckart-Young: the error is the energy of the dropped singular values
+        torch.testing.assert_close(torch.linalg.norm(W.double() - Wr), s[r:].pow(2).sum().sqrt(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(best_rank_approximation(W, 7), W.double(), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="rank"):
+        best_rank_approximation(W, 0)
+    with pytest.raises(ValueError, match="rank"):
+        best_rank_approximation(W, 8)
+    with pytest.raises(ValueError, match="weight must be a 2-D tensor"):
+        best_rank_approximation(torch.randn(3), 1)

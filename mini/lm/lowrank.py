@@ -36,6 +36,9 @@ __all__ = [
     "replace_linears",
     "to_low_rank",
     "apply_lora",
+    "best_rank_approximation",
+    "check_features",
+    "check_rank_for",
     "DEFAULT_PATTERNS",
 ]
 
@@ -57,11 +60,26 @@ def check_rank_for(rank: Any, in_features: int, out_features: int, *, name: str 
     return int(rank)
 
 
-def _check_features(in_features: Any, out_features: Any) -> tuple[int, int]:
+def check_features(in_features: Any, out_features: Any) -> tuple[int, int]:
+    """``(in_features, out_features)`` as ints, or a ValueError naming the one that is not positive."""
     for n, v in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{n} must be a positive integer, got {v!r}")
     return int(in_features), int(out_features)
+
+
+def best_rank_approximation(weight: Tensor, rank: int) -> Tensor:
+    """``[W]_r``, the best rank-``rank`` approximation of a 2-D ``weight`` (truncated SVD, float64).
+
+    Eckart-Young: ``U_r diag(s_r) V_rᵀ`` minimises ``‖W − X‖_F`` over rank-``r`` matrices ``X``;
+    ``weight − [W]_r`` is what ``r`` singular directions miss.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    m, n = weight.shape
+    r = check_rank_for(rank, n, m)
+    U, s, Vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)  # (m, k), (k,), (k, n)
+    return (U[:, :r] * s[:r]) @ Vh[:r]  # (m, n)
 
 
 class LowRankLinear(nn.Module):
@@ -83,7 +101,7 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = _check_features(in_features, out_features)
+        self.in_features, self.out_features = check_features(in_features, out_features)
         self.rank = check_rank_for(rank, self.in_features, self.out_features)
         kw = {"device": device, "dtype": dtype}
         self.A = nn.Parameter(torch.empty(self.rank, self.in_features, **kw))  # (r, in)

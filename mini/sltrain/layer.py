@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from mini.kernels.dispatch import BACKENDS, current_backend, resolve_backend
-from mini.lm.lowrank import check_rank_for
+from mini.lm.lowrank import best_rank_approximation, check_features, check_rank_for
 from mini.sltrain.kernel import (
     KERNEL_DTYPES,
     gather_support,
@@ -84,13 +84,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # The support
 # ---------------------------------------------------------------------------------------------
-def _check_features(in_features: Any, out_features: Any) -> tuple[int, int]:
-    for name, v in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(in_features), int(out_features)
-
-
 def _check_density(density: Any) -> float:
     if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
@@ -103,7 +96,7 @@ def n_nonzeros(density: float, out_features: int, in_features: int) -> int:
     A density that gives no non-zero at all is an error (raise it, or use a low-rank layer).
     """
     density = _check_density(density)
-    n_in, n_out = _check_features(in_features, out_features)
+    n_in, n_out = check_features(in_features, out_features)
     nnz = int(density * n_out * n_in)
     if nnz < 1:
         raise ValueError(
@@ -159,9 +152,7 @@ def top_magnitude_index(weight: Tensor, density: float, rank: Optional[int] = No
     nnz = n_nonzeros(density, m, n)
     w = weight.detach().double()
     if rank is not None:
-        r = check_rank_for(rank, n, m)
-        U, s, Vh = torch.linalg.svd(w, full_matrices=False)
-        w = w - (U[:, :r] * s[:r]) @ Vh[:r]  # residual of the best rank-r approximation
+        w = w - best_rank_approximation(w, rank)  # residual of the best rank-r approximation
     top = torch.topk(w.abs().reshape(-1), nnz, sorted=False).indices
     return torch.sort(top).values.to(device=weight.device)  # (nnz,)
 
@@ -298,7 +289,7 @@ class SparseLowRankLinear(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = _check_features(in_features, out_features)
+        self.in_features, self.out_features = check_features(in_features, out_features)
         self.rank = check_rank_for(rank, self.in_features, self.out_features)
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha == 0:
             raise ValueError(f"alpha must be a finite non-zero number, got {alpha!r}")
