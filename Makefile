@@ -6,15 +6,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.requirements.sha256
 REQ_HASH := $(shell sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-16)
-# Two cores: one torch process at a time, using both (see the README on threads).
+# Two cores: two processes of one thread each at most (see the README on threads).
 export PYTHONHASHSEED := 0
 
-.PHONY: venv book test test-unit test-notebooks execute links check-links bench clean help
+.PHONY: venv book test test-unit test-notebooks execute timing claims links check-links bench clean help
 
 help:
-	@echo "make book      create .venv, execute every notebook, render HTML into _build/html (-W)"
-	@echo "make test      create .venv, run unit + kernel tests and every notebook through nbval"
-	@echo "make execute   re-execute the committed notebooks in place (commit their outputs)"
+	@echo "make book      create .venv, execute every notebook (two at a time), render _build/html (-W -n)"
+	@echo "make test      create .venv, unit + kernel tests, site build, every notebook through nbval"
+	@echo "make execute   re-execute the committed notebooks in place, regenerate the claims page"
+	@echo "make timing    commit the last make test's timing record and the README's time table"
 	@echo "make links     regenerate Colab badges and %pip lines from _config.yml's repository"
 	@echo "make bench     run bench/ (GPU figures only on a CUDA machine)"
 
@@ -28,29 +29,34 @@ venv:
 	  echo "$(REQ_HASH)" > $(STAMP); \
 	else echo ">> $(VENV) is up to date"; fi
 
-# Execute every notebook each time (execute_notebooks: force in _config.yml): Jupyter Book's
-# cache keys on cells only, not on mini/, so a cached page could show what old code printed.
+# Execute every notebook each time, two at a time with one thread each (tools/run_notebooks.py),
+# in a staged copy (_build/src), then build the site from it with warnings as errors.
 book: venv check-links
-	rm -rf _build  # doctrees too: Sphinx would otherwise reuse old outputs of unchanged notebooks
-	$(BIN)/jupyter-book build . -W -n --keep-going --builder html
-	@echo ">> site: _build/html/index.html"
+	@start=$$(date +%s); $(BIN)/python tools/build_site.py --execute && \
+	echo ">> site: _build/html/index.html ($$(( $$(date +%s) - start )) s)"
 
-test: venv
-	$(BIN)/python -m pytest tests -q
-	$(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p tests.nbtiming book labs -q
+# The whole suite, each step timed (tools/test_suite.sh); `make timing` commits the record.
+test:
+	@MAKE_START=$$(date +%s.%N) bash tools/test_suite.sh
+
+THREADS_ENV := MINI_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MINI_CPUS=1
 
 test-unit: venv
-	$(BIN)/python -m pytest tests -q
+	$(THREADS_ENV) $(BIN)/python -m pytest tests -q -n 2 -p tests.nbtiming
 
 test-notebooks: venv
-	$(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p tests.nbtiming book labs -q
+	$(THREADS_ENV) $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
+	  -n 2 --dist loadfile -p tests.nbtiming book labs -q
 
 execute: venv
-	@for nb in $$(find book labs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | sort); do \
-	  echo ">> executing $$nb"; start=$$(date +%s); \
-	  $(BIN)/jupyter execute --inplace --timeout=900 --kernel_name=python3 "$$nb" || exit 1; \
-	  echo "   $$(( $$(date +%s) - start )) s"; \
-	done
+	$(BIN)/python tools/run_notebooks.py --inplace
+	$(BIN)/python tools/claims_page.py --write
+
+timing: venv
+	$(BIN)/python tools/timing.py commit
+
+claims: venv
+	$(BIN)/python tools/claims_page.py --write
 
 links: venv
 	$(BIN)/python tools/repo_links.py --write

@@ -10,13 +10,19 @@ Each part of the book has its method here, next to the kernels and helpers every
   low-rank training (GaLore, Q-GaLore, SLTrain, WeLore); :mod:`mini.pretraining` sets up their
   pretraining comparison.
 
+- :mod:`mini.runtime`: :func:`~mini.runtime.setup`, every notebook's first call (threads, seeds, device,
+  FULL); :mod:`mini.claims`:
+  the claims record each lab writes.
+
 ``import mini`` works where triton is not installed: every kernel has a PyTorch reference.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "versions"]
+__all__ = ["__version__", "versions", "setup"]
+
+from mini.runtime import setup  # noqa: E402  (the first call of every notebook)
 
 
 def versions() -> dict[str, str]:

@@ -1,40 +1,139 @@
-"""pytest plugin: print each notebook's total run time after an nbval run.
+"""pytest plugin of ``make test``: notebook times, the timing record, and the claims check.
 
-Loaded with ``-p tests.nbtiming`` by ``make test``. Budgets (2-core CPU, default settings):
-a lab at most 90 s, a theory notebook at most 30 s. Over-budget notebooks are flagged in the
-summary, not failed: timings on a shared machine are noisy, and the numbers are the record.
+Loaded with ``-p tests.nbtiming``. It
+
+- orders notebooks longest first (by the committed ``bench/results/timing.json``), so the two
+  workers of ``pytest -n 2 --dist loadfile`` finish close together;
+- checks, cell by cell, that a fresh execution reproduces the claims the committed notebook
+  records (:mod:`mini.claims`): the same ids, checks, seeds, holds / does not hold, and values
+  within 10% of the larger of the committed value and the threshold (on the machine that
+  committed the outputs they are identical; the count of identical values is reported). A cell
+  whose claims differ fails;
+- prints each notebook's run time against its budget (a lab 90 s, a theory notebook 30 s):
+  budgets are measured and reported, never failed on;
+- writes ``_build/timing/$MINI_TIMING.json`` (``unit`` or ``notebooks``) for ``tools/timing.py``.
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tools.timing import budget_of, expected_seconds, part_of  # noqa: E402
+
 _durations: dict[str, float] = defaultdict(float)
 _failed: set[str] = set()
-_start: dict[str, float] = {}
+_counts: dict[str, int] = defaultdict(int)
+_claims = {"compared": 0, "identical": 0}
+_t0 = time.time()
+CLAIM_RTOL = 0.10
 
 
-def _budget(path: str) -> float:
-    return 90.0 if Path(path).parts[0] == "labs" else 30.0
+def _is_notebook(nodeid: str) -> bool:
+    return ".ipynb" in nodeid.split("::")[0]
 
 
-def pytest_runtest_logreport(report):  # one report per cell and phase
-    if not report.nodeid.endswith(".ipynb") and ".ipynb::" not in report.nodeid:
+def pytest_collection_modifyitems(session, config, items):
+    order = {}
+    for i, item in enumerate(items):
+        path = item.nodeid.split("::")[0]
+        order.setdefault(path, (-expected_seconds(path) if _is_notebook(path) else 0.0, i))
+    items.sort(key=lambda it: order[it.nodeid.split("::")[0]])  # stable: cells keep their order
+
+
+def _compare_claims(fresh: list[dict], committed: list[dict]) -> tuple[list[str], int]:
+    """Differences between a cell's fresh and committed claims, and the count of identical values."""
+    problems, identical = [], 0
+    if [c["id"] for c in fresh] != [c["id"] for c in committed]:
+        return [f"claim ids {[c['id'] for c in fresh]} != committed {[c['id'] for c in committed]}"], 0
+    for f, c in zip(fresh, committed):
+        for key in ("op", "threshold", "seeds", "holds", "asserted", "source"):
+            if f.get(key) != c.get(key):
+                problems.append(f"{f['id']}: {key} {f.get(key)!r} != committed {c.get(key)!r}")
+        fv, cv = f.get("value"), c.get("value")
+        if fv == cv:
+            identical += 1
+        elif isinstance(fv, (int, float)) and isinstance(cv, (int, float)) and not isinstance(fv, bool):
+            thr = c.get("threshold")
+            scale = max(abs(cv), abs(thr) if isinstance(thr, (int, float)) and not isinstance(thr, bool) else 0.0)
+            if abs(fv - cv) > CLAIM_RTOL * scale + 1e-12:
+                problems.append(f"{f['id']}: value {fv!r} differs from the committed {cv!r} by more than "
+                                f"{CLAIM_RTOL:.0%}")
+        else:
+            problems.append(f"{f['id']}: value {fv!r} != committed {cv!r}")
+    return problems, identical
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "call" or not _is_notebook(item.nodeid) or not hasattr(item, "cell"):
         return
+    from mini.claims import claims_of_outputs
+
+    fresh = claims_of_outputs(getattr(item, "test_outputs", None) or [])
+    committed = claims_of_outputs(item.cell.get("outputs", []))
+    if not fresh and not committed:
+        return
+    if report.passed:
+        problems, identical = _compare_claims(fresh, committed)
+        report.user_properties.append(("claims", {"compared": len(committed), "identical": identical}))
+        if problems:
+            report.outcome = "failed"
+            report.longrepr = ("the fresh execution does not reproduce the committed claims record "
+                               "(re-execute the notebook and commit it):\n  " + "\n  ".join(problems))
+
+
+def pytest_runtest_logreport(report):
+    nb = _is_notebook(report.nodeid)
     path = report.nodeid.split("::")[0]
-    _durations[path] += report.duration
-    if report.failed:
-        _failed.add(path)
+    if nb:
+        _durations[path] += report.duration
+        if report.failed:
+            _failed.add(path)
+    for key, value in report.user_properties:
+        if key == "claims":
+            _claims["compared"] += value["compared"]
+            _claims["identical"] += value["identical"]
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _counts[report.outcome] += 1
+    elif report.when == "teardown" and report.failed:
+        _counts["failed"] += 1
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _durations:
-        return
-    tr = terminalreporter
-    tr.section("notebook run times")
-    for path, seconds in sorted(_durations.items()):
-        budget = _budget(path)
-        flag = "FAILED" if path in _failed else ("over budget" if seconds > budget else "ok")
-        tr.write_line(f"{seconds:7.1f} s  (budget {budget:4.0f} s)  {flag:11s}  {path}")
-    tr.write_line(f"{sum(_durations.values()):7.1f} s  in all, {len(_durations)} notebooks")
+    if getattr(terminalreporter.config, "workerinput", None) is not None:
+        return  # an xdist worker: the controller reports
+    wall = time.time() - _t0
+    jobs = terminalreporter.config.getoption("numprocesses", None) or 1
+    if not isinstance(jobs, int):
+        jobs = os.cpu_count() or 1
+    name = os.environ.get("MINI_TIMING")
+    record = {"wall_s": round(wall, 1), "jobs": jobs, "passed": _counts["passed"],
+              "failed": _counts["failed"], "skipped": _counts["skipped"]}
+    if _durations:
+        tr = terminalreporter
+        tr.section("notebook run times")
+        for path, seconds in sorted(_durations.items()):
+            budget = budget_of(path)
+            flag = "FAILED" if path in _failed else ("over budget" if seconds > budget else "ok")
+            tr.write_line(f"{seconds:7.1f} s  (budget {budget:4.0f} s)  {flag:11s}  {path}")
+        tr.write_line(f"{sum(_durations.values()):7.1f} s  in all, {len(_durations)} notebooks, "
+                      f"{wall:.1f} s wall clock with {jobs} at a time")
+        tr.write_line(f"claims: {_claims['compared']} compared with the committed record, "
+                      f"{_claims['identical']} identical values")
+        record["notebooks"] = {p: {"seconds": round(s, 1), "part": part_of(p), "ok": p not in _failed}
+                               for p, s in sorted(_durations.items())}
+        record["claims"] = dict(_claims)
+    if name:
+        out = ROOT / "_build" / "timing" / f"{name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")

@@ -238,3 +238,15 @@ def test_measure_in_fresh_processes_side_by_side():
         measure_in_fresh_processes([])
     with pytest.raises(ValueError, match="timeout must be None or a positive number"):
         measure_in_fresh_processes(specs, timeout=-1)
+
+
+def test_measure_in_fresh_processes_respects_the_cpu_budget(monkeypatch):
+    # Under the test harness a notebook may keep one core busy (MINI_CPUS=1): two one-thread
+    # runs then go one after the other, with the same results.
+    specs = [RunSpec(name, sgd_setup, {"lr": lr}, model=SMALL, n_documents=60, trainer=FAST, threads=1)
+             for name, lr in (("a", 0.05), ("b", 0.1))]
+    monkeypatch.setenv("MINI_CPUS", "1")
+    one = measure_in_fresh_processes(specs, processes=2)
+    monkeypatch.setenv("MINI_CPUS", "2")
+    two = measure_in_fresh_processes(specs, processes=2)
+    assert [r.history.train_loss for r in one] == [r.history.train_loss for r in two]

@@ -62,6 +62,7 @@ from torch import nn
 from mini.lm.config import build_model, tiny_llama_config
 from mini.lm.data import eval_batches, synthetic_lm_data
 from mini.lm.trainer import History, TrainerConfig, evaluate_lm, train_lm
+from mini.runtime import cpu_budget
 
 __all__ = [
     "DEFAULT_PRELOAD",
@@ -86,8 +87,9 @@ DEFAULT_PRELOAD: tuple[str, ...] = ("torch", "transformers", "mini.lm")
 
 START_METHODS = ("forkserver", "spawn", "fork")
 
-#: glibc mmap threshold a measured child fixes by default (bytes): see :func:`fix_malloc_thresholds`.
 DEFAULT_MMAP_THRESHOLD = 1 << 16
+"""The glibc mmap threshold in bytes that a measured child fixes by default (64 KiB); see
+:func:`fix_malloc_thresholds`."""
 
 
 def peak_rss_bytes() -> int:
@@ -445,7 +447,9 @@ def measure_in_fresh_processes(
     must not exceed the machine's cores: oversubscribed threads make small tensor ops many times
     slower, and the runs would then measure each other. Peak RSS stays per process, so the
     baseline subtraction is unchanged; step times are those of a machine running
-    ``processes`` runs.
+    ``processes`` runs. Fewer processes run at a time where :func:`mini.runtime.cpu_budget` (the
+    cores this notebook may use: one each when the test harness runs two notebooks side by
+    side) allows fewer; each run is alone in its process, so its results do not change.
     """
     specs = list(specs)
     if not specs or not all(isinstance(s, RunSpec) for s in specs):
@@ -462,6 +466,7 @@ def measure_in_fresh_processes(
         if over:
             raise ValueError(f"threads x processes exceeds the {cores} cores of this machine for {over}: "
                              "the runs would oversubscribe the CPU")
+        processes = max(1, min(processes, cpu_budget() // max(s.threads for s in specs)))
     # The server preloads the first spec's modules; every child still imports its own spec's preload.
     ctx = _context(start_method, specs[0].preload)
     with ctx.Pool(processes, maxtasksperchild=1) as pool:  # each worker runs one spec, then exits

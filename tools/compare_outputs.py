@@ -1,0 +1,75 @@
+"""Do freshly executed notebooks print what the committed ones print (wall-clock times aside)?
+
+    python tools/compare_outputs.py DIR [--strict]
+
+DIR holds executed copies of the notebooks at their paths in the repository (``make book``
+stages them in ``_build/src``). For each code cell the printed text (stdout and the plain-text
+form of results, stderr and images aside) is compared with the committed cell's, after every
+duration (a number followed by s, ms, min, it/s or s/it) is masked. Prints one line a notebook
+and the first lines that differ; ``--strict`` exits 1 when any cell differs.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tools.timing import notebooks  # noqa: E402
+
+DURATION = re.compile(r"\d+(?:[.,]\d+)*\s*(?:ms|µs|us|min|s/it|it/s|s)\b")
+
+
+def printed(cell: dict) -> str:
+    parts = []
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "stream" and o.get("name") == "stdout":
+            parts.append("".join(o.get("text", "")))
+        elif "data" in o and "text/plain" in o["data"] and "image/png" not in o["data"]:
+            parts.append("".join(o["data"]["text/plain"]))
+    return DURATION.sub("<time>", "".join(parts))
+
+
+def compare(committed: Path, fresh: Path) -> list[str]:
+    a = [c for c in json.loads(committed.read_text())["cells"] if c["cell_type"] == "code"]
+    b = [c for c in json.loads(fresh.read_text())["cells"] if c["cell_type"] == "code"]
+    if len(a) != len(b):
+        return [f"{len(a)} code cells committed, {len(b)} executed"]
+    diffs = []
+    for i, (ca, cb) in enumerate(zip(a, b)):
+        pa, pb = printed(ca), printed(cb)
+        if pa != pb:
+            d = [l for l in difflib.unified_diff(pa.splitlines(), pb.splitlines(), lineterm="", n=0)
+                 if l[:1] in "+-" and not l.startswith(("+++", "---"))]
+            diffs.append(f"cell {i}: " + " | ".join(d[:4]))
+    return diffs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("fresh_root", type=Path)
+    ap.add_argument("--strict", action="store_true")
+    args = ap.parse_args(argv)
+    differing = 0
+    for nb in notebooks():
+        rel = nb.relative_to(ROOT)
+        fresh = args.fresh_root / rel
+        if not fresh.exists():
+            print(f"missing   {rel}")
+            differing += 1
+            continue
+        diffs = compare(nb, fresh)
+        differing += bool(diffs)
+        print(f"{'identical' if not diffs else 'DIFFERS  '} {rel}")
+        for d in diffs[:5]:
+            print(f"    {d[:300]}")
+    print(f"{differing} notebook(s) print other numbers than the committed ones (durations masked)")
+    return 1 if (args.strict and differing) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
