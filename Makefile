@@ -31,9 +31,9 @@ venv:
 
 # Execute every notebook each time, two at a time with one thread each (tools/run_notebooks.py),
 # in a staged copy (_build/src), then build the site from it with warnings as errors.
-book: venv check-links
-	@start=$$(date +%s); $(BIN)/python tools/build_site.py --execute && \
-	echo ">> site: _build/html/index.html ($$(( $$(date +%s) - start )) s)"
+book:
+	@start=$$(date +%s.%N); $(MAKE) --no-print-directory venv check-links && \
+	$(BIN)/python tools/build_site.py --execute --start $$start
 
 # The whole suite, each step timed (tools/test_suite.sh); `make timing` commits the record.
 test:

@@ -9,6 +9,9 @@ Loaded with ``-p tests.nbtiming``. It
   within 10% of the larger of the committed value and the threshold (on the machine that
   committed the outputs they are identical; the count of identical values is reported). A cell
   whose claims differ fails;
+- counts the code cells whose printed text (stdout and plain-text results, every duration
+  masked: :func:`tools.compare_outputs.printed`) differs from the committed cell's, and reports
+  them (a report, not a failure: peak-memory readings, for one, move between runs);
 - prints each notebook's run time against its budget (a lab 90 s, a theory notebook 30 s):
   budgets are measured and reported, never failed on;
 - writes ``_build/timing/$MINI_TIMING.json`` (``unit`` or ``notebooks``) for ``tools/timing.py``.
@@ -26,12 +29,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tools.compare_outputs import printed  # noqa: E402
 from tools.timing import budget_of, expected_seconds, part_of  # noqa: E402
 
 _durations: dict[str, float] = defaultdict(float)
 _failed: set[str] = set()
 _counts: dict[str, int] = defaultdict(int)
 _claims = {"compared": 0, "identical": 0}
+_printed: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # notebook -> [cells, cells that differ]
 _t0 = time.time()
 CLAIM_RTOL = 0.10
 
@@ -79,6 +84,9 @@ def pytest_runtest_makereport(item, call):
         return
     from mini.claims import claims_of_outputs
 
+    if report.passed:  # does the cell print what the committed cell printed (durations masked)?
+        same = printed({"outputs": getattr(item, "test_outputs", None) or []}) == printed(item.cell)
+        report.user_properties.append(("printed", int(not same)))
     fresh = claims_of_outputs(getattr(item, "test_outputs", None) or [])
     committed = claims_of_outputs(item.cell.get("outputs", []))
     if not fresh and not committed:
@@ -100,6 +108,9 @@ def pytest_runtest_logreport(report):
         if report.failed:
             _failed.add(path)
     for key, value in report.user_properties:
+        if key == "printed":
+            _printed[path][0] += 1
+            _printed[path][1] += value
         if key == "claims":
             _claims["compared"] += value["compared"]
             _claims["identical"] += value["identical"]
@@ -130,9 +141,14 @@ def pytest_terminal_summary(terminalreporter):
                       f"{wall:.1f} s wall clock with {jobs} at a time")
         tr.write_line(f"claims: {_claims['compared']} compared with the committed record, "
                       f"{_claims['identical']} identical values")
+        differ = {p: d for p, (n, d) in _printed.items() if d}
+        tr.write_line(f"printed text (durations masked): {sum(d for _, d in _printed.values())} of "
+                      f"{sum(n for n, _ in _printed.values())} code cells differ from the committed outputs"
+                      + (": " + ", ".join(f"{p} ({d})" for p, d in sorted(differ.items())) if differ else ""))
         record["notebooks"] = {p: {"seconds": round(s, 1), "part": part_of(p), "ok": p not in _failed}
                                for p, s in sorted(_durations.items())}
         record["claims"] = dict(_claims)
+        record["printed"] = {p: {"cells": n, "differ": d} for p, (n, d) in sorted(_printed.items())}
     if name:
         out = ROOT / "_build" / "timing" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,11 @@ notebooks the site is built from (``tools/claims_page.py``).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
 STAGE = BUILD / "src"
+START = time.time()
 STAGED = ["_config.yml", "_toc.yml", "references.bib", "book", "labs"]
 
 
@@ -44,7 +47,7 @@ def _jupyter_book(source: Path, config: Path) -> int:
     if doctrees.exists():
         shutil.rmtree(doctrees)  # Sphinx would otherwise reuse old outputs of unchanged pages
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(source), "--config", str(config),
-           "--path-output", str(ROOT), "-W", "-n", "--keep-going", "--builder", "html"]
+           "--path-output", str(ROOT), "-W", "-n", "--keep-going", "-q", "--builder", "html"]
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--execute", action="store_true", help="execute every notebook before building")
     ap.add_argument("--jobs", type=int, default=2, help="notebooks executed at a time (default 2)")
+    ap.add_argument("--start", type=float, help="epoch seconds when make book started (its timing)")
     args = ap.parse_args(argv)
     py = sys.executable
     if not args.execute:
@@ -69,12 +73,17 @@ def main(argv: list[str] | None = None) -> int:
                          "--timing-name", "book"], cwd=ROOT).returncode
     if rc:
         return rc
-    subprocess.run([py, "tools/compare_outputs.py", str(STAGE)], cwd=ROOT)  # a report, not a gate
+    report = BUILD / "timing" / "book_compare.json"
+    subprocess.run([py, "tools/compare_outputs.py", str(STAGE), "--json", str(report)], cwd=ROOT)  # a report
     rc = subprocess.run([py, "tools/claims_page.py", "--root", str(STAGE), "--write"], cwd=ROOT).returncode
     if rc:
         return rc
     _config_without_execution(STAGE)
-    return _jupyter_book(STAGE, STAGE / "_config.yml")
+    rc = _jupyter_book(STAGE, STAGE / "_config.yml")
+    total = time.time() - (args.start or START)
+    (BUILD / "timing" / "book_total.json").write_text(json.dumps({"total_s": round(total, 1), "ok": rc == 0}) + "\n")
+    print(f">> site: _build/html/index.html; make book took {total:.0f} s")
+    return rc
 
 
 if __name__ == "__main__":

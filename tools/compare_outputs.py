@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fresh_root", type=Path)
     ap.add_argument("--strict", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the counts to this file")
     args = ap.parse_args(argv)
-    differing = 0
+    differing, cells = 0, {}
     for nb in notebooks():
         rel = nb.relative_to(ROOT)
         fresh = args.fresh_root / rel
@@ -64,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         diffs = compare(nb, fresh)
         differing += bool(diffs)
+        cells[rel.as_posix()] = len(diffs)
         print(f"{'identical' if not diffs else 'DIFFERS  '} {rel}")
         for d in diffs[:5]:
             print(f"    {d[:300]}")
     print(f"{differing} notebook(s) print other numbers than the committed ones (durations masked)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"notebooks_differing": differing, "cells_differing": cells},
+                                        indent=1) + "\n")
     return 1 if (args.strict and differing) else 0
 
 

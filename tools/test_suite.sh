@@ -15,7 +15,7 @@ since() { python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.arg
 
 t=$(now); [ -x $BIN/python ] || export MINI_FRESH_VENV=1
 make --no-print-directory venv; venv_s=$(since "$t")
-rm -rf _build/timing && mkdir -p _build/timing
+mkdir -p _build/timing && rm -f _build/timing/{calibration,unit,notebooks,timing}.json
 t=$(now); $BIN/python tools/timing.py calibrate; calibrate_s=$(since "$t")
 
 export MINI_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MINI_CPUS=$(( $(nproc) / JOBS ))

@@ -176,6 +176,11 @@ def table(rec: dict) -> str:
                        ("total_s", "**`make test` in all**" + (" (fresh `.venv`)" if t.get("fresh_venv") else ""))):
         if t.get(key) is not None:
             lines.append(f"| {label} | {_mmss(t[key])} |")
+    b = rec.get("make_book")
+    if b:
+        lines.append(f"| `make book`: execute every notebook two at a time, compare with the committed "
+                     f"outputs, build the site | {_mmss(b['total_s'])} (notebooks {_mmss(b['notebooks_wall_s'])}; "
+                     f"{b['notebooks_differing_from_committed']} notebooks print other numbers) |")
     lines += ["", "| part | notebooks | notebook time | share of the wall clock (budget 6 min) |",
               "|---|---|---|---|"]
     for part, p in sorted(rec.get("parts", {}).items()):
@@ -222,8 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         src = TIMING_DIR / "timing.json"
         if not src.exists():
             raise SystemExit("no _build/timing/timing.json: run `make test` first")
-        RECORD.write_text(src.read_text())
-        README.write_text(_readme_with(table(json.loads(src.read_text()))))
+        rec = json.loads(src.read_text())
+        book, total, comp = _load("book"), _load("book_total"), _load("book_compare")
+        if total:  # the last make book on this machine
+            rec["make_book"] = {"total_s": total.get("total_s"), "ok": total.get("ok"),
+                                "notebooks_wall_s": book.get("wall_s"),
+                                "notebooks_differing_from_committed": comp.get("notebooks_differing"),
+                                "notebooks": book.get("notebooks", {})}
+        RECORD.write_text(json.dumps(rec, indent=1) + "\n")
+        README.write_text(_readme_with(table(rec)))
         print(f"wrote {RECORD.relative_to(ROOT)} and the README's time table")
     elif args.cmd == "check":
         rec = json.loads(RECORD.read_text())
