@@ -9,13 +9,14 @@ REQ_HASH := $(shell sha256sum requirements.txt pyproject.toml | sha256sum | cut 
 # Two cores: two processes of one thread each at most (see the README on threads).
 export PYTHONHASHSEED := 0
 
-.PHONY: venv book test test-unit test-notebooks execute timing claims links check-links bench clean help
+.PHONY: venv book test test-unit test-notebooks execute timing claims assets links check-links bench clean help
 
 help:
 	@echo "make book      create .venv, execute every notebook (two at a time), render _build/html (-W -n)"
 	@echo "make test      create .venv, unit + kernel tests, site build, every notebook through nbval"
 	@echo "make execute   re-execute the committed notebooks in place, regenerate the claims page"
 	@echo "make timing    commit the last make test's timing record and the README's time table"
+	@echo "make assets    retrain the checkpoint assets of mini/checkpoints (commit them)"
 	@echo "make links     regenerate Colab badges and %pip lines from _config.yml's repository"
 	@echo "make bench     run bench/ (GPU figures only on a CUDA machine)"
 
@@ -57,6 +58,10 @@ timing: venv
 
 claims: venv
 	$(BIN)/python tools/claims_page.py --write
+
+# Checkpoint assets (mini/checkpoints/): trained once, shipped, loaded by the labs.
+assets: venv
+	$(BIN)/python tools/make_assets.py
 
 links: venv
 	$(BIN)/python tools/repo_links.py --write

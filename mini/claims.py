@@ -53,6 +53,10 @@ class Claim:
     source: str = "default"
     unit: str = ""
 
+    def _ipython_display_(self) -> None:
+        """Show nothing: a claim shows its line once, when :func:`record` records it (so a cell
+        that ends with ``record(...)`` does not print the claim a second time)."""
+
     @property
     def anchor(self) -> str:
         """The HTML id of the claim's line in its notebook."""

@@ -18,6 +18,8 @@ Loaded with ``-p tests.nbtiming``. It
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 import os
 import sys
@@ -36,6 +38,7 @@ _durations: dict[str, float] = defaultdict(float)
 _failed: set[str] = set()
 _counts: dict[str, int] = defaultdict(int)
 _claims = {"compared": 0, "identical": 0}
+_diffs: list = []  # (cell, first differing lines)
 _printed: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # notebook -> [cells, cells that differ]
 _t0 = time.time()
 CLAIM_RTOL = 0.10
@@ -77,18 +80,35 @@ def _compare_claims(fresh: list[dict], committed: list[dict]) -> tuple[list[str]
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    # read the committed outputs before nbval runs the cell: its comparison of NBVAL_CHECK_OUTPUT
+    # cells merges the committed stream outputs in place
+    if _is_notebook(item.nodeid) and hasattr(item, "cell"):
+        from mini.claims import claims_of_outputs
+
+        outputs = copy.deepcopy(list(item.cell.get("outputs", [])))
+        item._mini_committed = (printed({"outputs": outputs}), claims_of_outputs(outputs))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if call.when != "call" or not _is_notebook(item.nodeid) or not hasattr(item, "cell"):
+    if call.when != "call" or not hasattr(item, "_mini_committed"):
         return
     from mini.claims import claims_of_outputs
 
     if report.passed:  # does the cell print what the committed cell printed (durations masked)?
-        same = printed({"outputs": getattr(item, "test_outputs", None) or []}) == printed(item.cell)
-        report.user_properties.append(("printed", int(not same)))
+        fresh_text = printed({"outputs": getattr(item, "test_outputs", None) or []})
+        committed_text = item._mini_committed[0]
+        report.user_properties.append(("printed", int(fresh_text != committed_text)))
+        if fresh_text != committed_text:
+            diff = [l for l in difflib.unified_diff(committed_text.splitlines(), fresh_text.splitlines(),
+                                                    lineterm="", n=0) if l[:1] in "+-" and l[:3] not in ("+++", "---")]
+            report.user_properties.append(("printed_diff", (item.nodeid, diff[:6])))
     fresh = claims_of_outputs(getattr(item, "test_outputs", None) or [])
-    committed = claims_of_outputs(item.cell.get("outputs", []))
+    committed = item._mini_committed[1] if hasattr(item, "_mini_committed") else []
     if not fresh and not committed:
         return
     if report.passed:
@@ -108,6 +128,8 @@ def pytest_runtest_logreport(report):
         if report.failed:
             _failed.add(path)
     for key, value in report.user_properties:
+        if key == "printed_diff":
+            _diffs.append(value)
         if key == "printed":
             _printed[path][0] += 1
             _printed[path][1] += value
@@ -149,6 +171,7 @@ def pytest_terminal_summary(terminalreporter):
                                for p, s in sorted(_durations.items())}
         record["claims"] = dict(_claims)
         record["printed"] = {p: {"cells": n, "differ": d} for p, (n, d) in sorted(_printed.items())}
+        record["printed_diffs"] = [{"cell": c, "diff": [line[:200] for line in d]} for c, d in sorted(_diffs)]
     if name:
         out = ROOT / "_build" / "timing" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,18 @@ DURATION = re.compile(r"\d+(?:[.,]\d+)*\s*(?:ms|µs|us|min|s/it|it/s|s)\b")
 
 
 def printed(cell: dict) -> str:
-    parts = []
+    """A cell's printed text: its stdout, then the plain text of its results, durations masked.
+
+    The two are kept apart because nbval merges a cell's stream outputs into one, placed where
+    the first stream output was, while Jupyter keeps them interleaved with displayed results.
+    """
+    stdout, results = [], []
     for o in cell.get("outputs", []):
         if o.get("output_type") == "stream" and o.get("name") == "stdout":
-            parts.append("".join(o.get("text", "")))
+            stdout.append("".join(o.get("text", "")))
         elif "data" in o and "text/plain" in o["data"] and "image/png" not in o["data"]:
-            parts.append("".join(o["data"]["text/plain"]))
-    return DURATION.sub("<time>", "".join(parts))
+            results.append("".join(o["data"]["text/plain"]))
+    return DURATION.sub("<time>", "".join(stdout) + "\n--- results ---\n" + "\n".join(results))
 
 
 def compare(committed: Path, fresh: Path) -> list[str]:

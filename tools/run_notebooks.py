@@ -7,7 +7,11 @@ Used by ``make execute`` (``--inplace``: the committed outputs) and by ``make bo
 ``jupyter execute`` process with ``MINI_THREADS=1`` (the thread count every route pins, see
 :mod:`mini.runtime`), ``MINI_CPUS`` = cores / jobs (so a lab that starts processes of its own
 does not oversubscribe the machine) and ``OMP_NUM_THREADS=1``. Writes each notebook's time to
-``_build/timing/<name>.json`` (``--timing-name``).
+``_build/timing/<name>.json`` (``--timing-name``). Runs with ``FULL=1`` in the environment (a lab's
+paper-scale settings) also merge their times into ``bench/results/timing_full.json``, the
+separate record of ``FULL=1`` times:
+
+    FULL=1 python tools/run_notebooks.py --out _build/full labs/welore/finetuning.ipynb
 """
 from __future__ import annotations
 
@@ -85,7 +89,27 @@ def main(argv: list[str] | None = None) -> int:
         "notebooks": {r["path"]: {"seconds": r["seconds"], "ok": r["ok"], "part": part_of(r["path"])}
                       for r in sorted(results, key=lambda r: r["path"])},
     }, indent=1) + "\n")
+    if os.environ.get("FULL") == "1":
+        _merge_full_record(results, wall)
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def _merge_full_record(results: list[dict], wall: float) -> None:
+    """Merge FULL=1 times into bench/results/timing_full.json (one entry a notebook, the latest)."""
+    from datetime import datetime, timezone
+
+    from tools.timing import _cpu_model
+
+    path = ROOT / "bench" / "results" / "timing_full.json"
+    record = json.loads(path.read_text()) if path.exists() else {"notebooks": {}}
+    when = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    for r in results:
+        if r["ok"]:
+            record["notebooks"][r["path"]] = {"seconds": r["seconds"], "written_utc": when,
+                                              "cpu": _cpu_model(), "cores": os.cpu_count(),
+                                              "notebooks_side_by_side": min(len(results), 2)}
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"FULL=1 times merged into {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

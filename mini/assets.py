@@ -1,0 +1,184 @@
+"""Checkpoint assets: small trained substrate models that ship with mini, so labs skip retraining.
+
+Several labs start from the same trained model (the WeLore fine-tuning lab compresses and
+fine-tunes a pre-trained tiny Llama; Parts III-IV will start from a long-context LM, a draft and
+a target model, an SFT policy, a reward model). Training them in every lab would spend the lab's
+seconds on what it does not study. So each is trained once by ``make assets``
+(``tools/make_assets.py``) with a recipe of this module (:data:`RECIPES`) and shipped in
+``mini/checkpoints/<name>/``, where each asset keeps
+
+- the model as Hugging Face files (``config.json``, ``model.safetensors``), loaded by the real
+  loading path, ``transformers.AutoModelForCausalLM.from_pretrained`` (:func:`load_model`, which
+  takes a local folder or a model name alike);
+- ``asset.json``: the recipe (its settings and seed), the command that made it, the metrics it
+  reached, the versions, and the sha256 of every file.
+
+:func:`load_asset` checks the files' sha256 before loading, so an asset that changed on disk is
+an error, not a silently different lab. The tests load every asset, check its hashes and
+recompute its recorded validation loss; they also run the recipes at reduced size. Regenerating
+on another machine is not bit-identical (float arithmetic differs in the last digits), only close:
+:data:`REGENERATION_RTOL` is the tolerance on the recorded metric.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["ASSET_ROOT", "RECIPES", "REGENERATION_RTOL", "Recipe", "asset_info", "list_assets",
+           "verify_asset", "load_asset", "load_model", "make_asset", "recompute_metrics", "sha256_of"]
+
+ASSET_ROOT = Path(__file__).resolve().parent / "checkpoints"
+"""Where the shipped assets live, one folder each."""
+REGENERATION_RTOL = 0.02
+"""A regenerated asset's validation loss lies within this relative tolerance of the recorded one."""
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an asset is made: what it is, its settings, and the function that trains it."""
+
+    description: str
+    settings: dict[str, Any]
+    train: Callable[..., tuple[torch.nn.Module, dict[str, float]]] = field(repr=False)
+
+
+def _tiny_llama_corpus(steps: int, seed: int, lr: float, weight_decay: float, warmup_fraction: float,
+                       n_documents: int) -> tuple[torch.nn.Module, dict[str, float]]:
+    """The tiny Llama pre-trained on the synthetic corpus: AdamW, linear warmup, cosine decay."""
+    from mini.lm import TrainerConfig, build_model, eval_batches, evaluate_lm, synthetic_lm_data
+    from mini.lm import tiny_llama_config, train_lm
+    from mini.pretraining import CosineSchedule
+
+    data = synthetic_lm_data(n_documents, seed=0)
+    model = build_model(tiny_llama_config(vocab_size=data.tokenizer.vocab_size), seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    train_lm(model, opt, data, TrainerConfig(steps=steps, eval_every=steps, seed=seed, progress=False),
+             scheduler=CosineSchedule([opt], steps, int(steps * warmup_fraction)))
+    model.eval()
+    val = eval_batches(data.val_ids, 16, 64, 8)
+    return model, {"val_loss": evaluate_lm(model, val)}
+
+
+RECIPES: dict[str, Recipe] = {
+    "tiny-llama-corpus-300": Recipe(
+        description="The book's tiny Llama (0.8M parameters) pre-trained for 300 steps on the "
+                    "synthetic corpus; the base model of the WeLore fine-tuning lab.",
+        settings={"steps": 300, "seed": 0, "lr": 3e-3, "weight_decay": 0.1, "warmup_fraction": 0.1,
+                  "n_documents": 2000},
+        train=_tiny_llama_corpus,
+    ),
+}
+"""Every asset :func:`make_asset` can make, by name."""
+
+
+def sha256_of(path: str | Path) -> str:
+    """The sha256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_name(name: str, root: Path) -> Path:
+    if not isinstance(name, str) or name not in list_assets(root):
+        raise ValueError(f"name must be one of the assets in {root} {list_assets(root)}, got {name!r}")
+    return root / name
+
+
+def list_assets(root: str | Path = ASSET_ROOT) -> list[str]:
+    """The names of the assets under ``root`` (folders with an ``asset.json``)."""
+    root = Path(root)
+    return sorted(p.name for p in root.iterdir() if (p / "asset.json").exists()) if root.exists() else []
+
+
+def asset_info(name: str, root: str | Path = ASSET_ROOT) -> dict[str, Any]:
+    """An asset's ``asset.json``: recipe, settings, command, metrics, versions, sha256 of each file."""
+    return json.loads((_check_name(name, Path(root)) / "asset.json").read_text())
+
+
+def verify_asset(name: str, root: str | Path = ASSET_ROOT) -> None:
+    """Raise ``ValueError`` naming the file when a file's sha256 differs from the recorded one."""
+    folder = _check_name(name, Path(root))
+    for file, digest in asset_info(name, root)["sha256"].items():
+        path = folder / file
+        if not path.exists():
+            raise ValueError(f"asset {name!r}: file {file} is missing (re-run `make assets`)")
+        got = sha256_of(path)
+        if got != digest:
+            raise ValueError(f"asset {name!r}: {file} has sha256 {got}, the record says {digest} "
+                             "(the file changed: re-run `make assets` and commit both)")
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained``: a local folder, or a model name of the Hub.
+
+    The real loading path, used for the book's assets and for your own models alike (a name
+    needs the network the first time; the labs pass local folders only).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), torch_dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def load_asset(name: str, device: str | torch.device = "cpu", root: str | Path = ASSET_ROOT) -> torch.nn.Module:
+    """A shipped asset, its sha256 checked first (see the module docstring)."""
+    verify_asset(name, root)
+    return load_model(Path(root) / name, device)
+
+
+def make_asset(name: str, root: str | Path = ASSET_ROOT, command: str = "make assets",
+               **overrides: Any) -> dict[str, Any]:
+    """Train the recipe ``name`` (``overrides`` change its settings, e.g. fewer steps in a test),
+    save the model under ``root/name`` and write its ``asset.json``; returns the record."""
+    if name not in RECIPES:
+        raise ValueError(f"name must be one of {sorted(RECIPES)}, got {name!r}")
+    recipe = RECIPES[name]
+    unknown = sorted(set(overrides) - set(recipe.settings))
+    if unknown:
+        raise ValueError(f"overrides {unknown} are not settings of {name!r}: {sorted(recipe.settings)}")
+    settings = {**recipe.settings, **overrides}
+    model, metrics = recipe.train(**settings)
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for extra in folder.iterdir():  # keep only the files the loader needs
+        if extra.name not in MODEL_FILES:
+            extra.unlink()
+    import transformers
+
+    record = {
+        "name": name,
+        "description": recipe.description,
+        "settings": settings,
+        "command": command,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "made_utc": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "sha256": {f: sha256_of(folder / f) for f in MODEL_FILES},
+    }
+    (folder / "asset.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def recompute_metrics(name: str, root: str | Path = ASSET_ROOT) -> dict[str, float]:
+    """The recorded metrics recomputed from the loaded asset (the tests compare them)."""
+    from mini.lm import eval_batches, evaluate_lm, synthetic_lm_data
+
+    info = asset_info(name, root)
+    data = synthetic_lm_data(info["settings"]["n_documents"], seed=0)
+    model = load_asset(name, root=root)
+    return {"val_loss": evaluate_lm(model, eval_batches(data.val_ids, 16, 64, 8))}
+
