@@ -178,9 +178,10 @@ def table(rec: dict) -> str:
             lines.append(f"| {label} | {_mmss(t[key])} |")
     b = rec.get("make_book")
     if b:
-        lines.append(f"| `make book`: execute every notebook two at a time, compare with the committed "
-                     f"outputs, build the site | {_mmss(b['total_s'])} (notebooks {_mmss(b['notebooks_wall_s'])}; "
-                     f"{b['notebooks_differing_from_committed']} notebooks print other numbers) |")
+        lines.append(f"| `make book` (`.venv` included): execute every notebook two at a time, compare "
+                     f"with the committed outputs, build the site | {_mmss(b['total_s'])} (notebooks "
+                     f"{_mmss(b['notebooks_wall_s'])}; {b['notebooks_differing_from_committed']} notebooks "
+                     "print other text than the committed outputs, durations masked) |")
     lines += ["", "| part | notebooks | notebook time | share of the wall clock (budget 6 min) |",
               "|---|---|---|---|"]
     for part, p in sorted(rec.get("parts", {}).items()):
