@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mini.runtime import machine
+
 __all__ = ["MIME", "OPS", "Claim", "record", "claims_of_notebook", "claims_of_outputs"]
 
 MIME = "application/vnd.mini.claim+json"
@@ -52,6 +54,7 @@ class Claim:
     values: list[Any] = field(default_factory=list)
     source: str = "default"
     unit: str = ""
+    machine: str = ""  # mini.runtime.machine(): CPU model and torch's CPU kernels
 
     def _ipython_display_(self) -> None:
         """Show nothing: a claim shows its line once, when :func:`record` records it (so a cell
@@ -157,7 +160,7 @@ def record(
     holds = bool(check(value, threshold)) and all(bool(check(v, threshold)) for v in values)
     claim = Claim(id=id, statement=statement, paper=paper, value=value, op=op, threshold=threshold,
                   holds=holds, asserted=bool(asserted), seeds=seeds, values=values, source=source,
-                  unit=unit)
+                  unit=unit, machine=machine())
     if display:
         _display(claim)
     else:

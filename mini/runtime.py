@@ -1,13 +1,22 @@
 """One call that every notebook of the book makes first: threads, seeds, device, the FULL switch.
 
-Why the thread count is pinned. A float reduction split over two threads adds its terms in
-another order than one thread does, so the last digits of a matmul depend on the thread count;
-a training run then amplifies those digits into different losses, ranks and correlations. The
-book's numbers are printed by notebooks that run by three routes (``make test`` under nbval,
-``make book``, ``jupyter execute``), two of which run two notebooks side by side. So that every
-route prints the same numbers, :func:`setup` fixes torch's intra-op threads to
-:func:`notebook_threads` (one by default, ``MINI_THREADS`` to change it) on every route and every
-machine. On a GPU the CPU thread count hardly matters.
+Which numbers a notebook prints depends on the machine's float arithmetic in the last digits,
+and a training run amplifies those digits into different losses, ranks and correlations. Two
+causes are known:
+
+- **The CPU kernels torch picks.** On an x86 CPU torch dispatches to AVX-512 or AVX2 kernels
+  (:func:`cpu_kernels`, ``torch.backends.cpu.get_cpu_capability()``), which round differently.
+  The WeLore compression lab, run on one AVX-512 machine, prints Spearman -0.286 with its
+  default kernels and -0.568 with ``ATEN_CPU_CAPABILITY=avx2``, the value committed from an
+  AVX2 machine. We do not force one kind: AVX2 kernels cost the labs about a third more time,
+  and another processor (ARM) has neither. Claims are asserted with margin instead (see
+  :mod:`mini.claims`), and each claim records the machine it was measured on (:func:`machine`).
+- **The thread count.** Some kernels split a reduction over threads, and then the thread
+  count changes the order of the additions. On our machines the labs' models give the same
+  bits on one and on two threads. So that no route or machine depends on that,
+  :func:`setup` fixes torch's intra-op threads to :func:`notebook_threads` (one by default,
+  ``MINI_THREADS`` to change it) on every route: ``make test`` (nbval), ``make book`` and
+  ``jupyter execute``, two of which run two notebooks side by side.
 
 :func:`cpu_budget` is the number of cores a notebook may keep busy (``MINI_CPUS``, set by the
 test harness when it runs notebooks side by side; else the cores of the machine): helpers that
@@ -21,7 +30,8 @@ import random
 import sys
 from dataclasses import dataclass
 
-__all__ = ["Setup", "setup", "notebook_threads", "cpu_budget", "ENV_THREADS", "ENV_CPUS"]
+__all__ = ["Setup", "setup", "notebook_threads", "cpu_budget", "cpu_kernels", "machine", "ENV_THREADS",
+           "ENV_CPUS"]
 
 ENV_THREADS = "MINI_THREADS"  # torch threads of a notebook (default 1)
 ENV_CPUS = "MINI_CPUS"  # cores a notebook may keep busy (default: the machine's)
@@ -57,6 +67,35 @@ def cpu_budget() -> int:
     return min(_positive_int_env(ENV_CPUS, _machine_cores()), _machine_cores())
 
 
+def cpu_kernels() -> str:
+    """The CPU kernels torch dispatches to here, e.g. ``"AVX512"``, ``"AVX2"`` or ``"DEFAULT"``."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:  # torch before 2.1
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """The CPU model and torch's CPU kernels, e.g. ``"AMD EPYC / AVX512"``: machines with the same
+    key compute the same bits; others differ in the last digits (see the module docstring)."""
+    return f"{_cpu_model()} / {cpu_kernels()}"
+
+
 @dataclass(frozen=True)
 class Setup:
     """What :func:`setup` fixed, for a notebook's first cell."""
@@ -67,13 +106,14 @@ class Setup:
     threads: int  # torch intra-op threads
 
     def summary(self) -> dict[str, object]:
-        """Versions, device, threads and FULL: the line a lab prints first."""
+        """Versions, device, CPU kernels, threads and FULL: the line a lab prints first."""
         import torch
 
         from mini import versions
 
         name = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
-        return {**versions(), "device": name, "threads": self.threads, "FULL": self.full}
+        return {**versions(), "device": name, "cpu_kernels": cpu_kernels(), "threads": self.threads,
+                "FULL": self.full}
 
 
 def setup(seed: int = 0, *, verbose: bool = True) -> Setup:

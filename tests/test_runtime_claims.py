@@ -107,3 +107,18 @@ def test_nbval_plugin_compares_claims():
     assert "holds False != committed True" in problems[0]
     problems, _ = _compare_claims([], [a])
     assert "claim ids" in problems[0]
+
+
+def test_nbval_plugin_on_another_machine_compares_what_must_not_move():
+    from tests.nbtiming import _compare_claims
+
+    a = _record().__dict__
+    assert a["machine"]  # the CPU model and torch's CPU kernels
+    other = dict(a, machine="another CPU / AVX2", value=0.9)
+    assert _compare_claims([other], [a]) == ([], 0)  # values may move on another machine
+    finding = dict(_record(values=[0.5, 0.4, 1.2], asserted=False).__dict__)
+    assert _compare_claims([dict(finding, machine="x", holds=True)], [finding]) == ([], 1)  # may flip
+    problems, _ = _compare_claims([dict(other, threshold=2.0)], [a])
+    assert "threshold 2.0 != committed 1.0" in problems[0]
+    problems, _ = _compare_claims([dict(other, holds=False)], [a])
+    assert "an asserted claim that does not hold" in problems[0]

@@ -86,8 +86,10 @@ def calibrate() -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from cogo_step import batched_step_fn
 
-    out: dict = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                 "torch": torch.__version__}
+    from mini.runtime import cpu_kernels
+
+    out: dict = {"cpu": _cpu_model(), "cpu_kernels": cpu_kernels(), "cores": os.cpu_count(),
+                 "python": platform.python_version(), "torch": torch.__version__}
     saved = torch.get_num_threads()
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -164,7 +166,7 @@ def table(rec: dict) -> str:
     m, t = rec.get("machine", {}), rec.get("make_test", {})
     lines = [BEGIN, "",
              f"Measured by `make test` on {rec.get('written_utc', '?')[:10]}: {m.get('cpu', '?')}, "
-             f"{m.get('cores', '?')} cores; calibration: float32 512x512 matmul "
+             f"{m.get('cores', '?')} cores, torch's {m.get('cpu_kernels', '?')} kernels; calibration: float32 512x512 matmul "
              f"{m.get('matmul512_gflops_1t', '?')} GFLOP/s on one thread, Part I's training step "
              f"(`bench/cogo_step.py`, S = 1) {m.get('cogo_step_ms_1t', '?')} ms on one thread and "
              f"{m.get('cogo_step_ms_2t', '?')} ms on two. Notebooks ran {rec['settings'].get('jobs')} "
