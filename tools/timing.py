@@ -166,7 +166,8 @@ def table(rec: dict) -> str:
     m, t = rec.get("machine", {}), rec.get("make_test", {})
     lines = [BEGIN, "",
              f"Measured by `make test` on {rec.get('written_utc', '?')[:10]}: {m.get('cpu', '?')}, "
-             f"{m.get('cores', '?')} cores, torch's {m.get('cpu_kernels', '?')} kernels; calibration: float32 512x512 matmul "
+             f"{m.get('cores', '?')} cores"
+             + (f", torch's {m['cpu_kernels']} kernels" if m.get("cpu_kernels") else "") + "; calibration: float32 512x512 matmul "
              f"{m.get('matmul512_gflops_1t', '?')} GFLOP/s on one thread, Part I's training step "
              f"(`bench/cogo_step.py`, S = 1) {m.get('cogo_step_ms_1t', '?')} ms on one thread and "
              f"{m.get('cogo_step_ms_2t', '?')} ms on two. Notebooks ran {rec['settings'].get('jobs')} "
