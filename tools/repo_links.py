@@ -3,7 +3,8 @@
 The one setting is ``repository.url`` and ``repository.branch`` in ``_config.yml``. From it come:
 
 - each lab's "Open in Colab" badge, which must point at the notebook's own path on that branch;
-- the ``%pip install "mini @ git+URL@BRANCH"`` line in each lab's setup cell;
+- the ``%pip install "mini[labs] @ git+URL@BRANCH"`` line in each lab's setup cell (the ``labs``
+  extra of pyproject.toml declares what the notebooks import beyond mini's core);
 - the Colab links and the install line in README.md and in the book's Markdown pages;
 - Jupyter Book's launch buttons (read by Jupyter Book itself from the same section).
 
@@ -56,7 +57,7 @@ def pip_target(root: Path = ROOT) -> str:
 
 
 def pip_line(root: Path = ROOT) -> str:
-    return f'%pip install -q "mini @ {pip_target(root)}"'
+    return f'%pip install -q "mini[labs] @ {pip_target(root)}"'
 
 
 def _fix_text(text: str, root: Path, own_path: str | None) -> str:
