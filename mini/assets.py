@@ -54,8 +54,7 @@ class Recipe:
 def _tiny_llama_corpus(steps: int, seed: int, lr: float, weight_decay: float, warmup_fraction: float,
                        n_documents: int) -> tuple[torch.nn.Module, dict[str, float]]:
     """The tiny Llama pre-trained on the synthetic corpus: AdamW, linear warmup, cosine decay."""
-    from mini.lm import TrainerConfig, build_model, eval_batches, evaluate_lm, synthetic_lm_data
-    from mini.lm import tiny_llama_config, train_lm
+    from mini.lm import TrainerConfig, build_model, synthetic_lm_data, tiny_llama_config, train_lm
     from mini.pretraining import CosineSchedule
 
     data = synthetic_lm_data(n_documents, seed=0)
@@ -63,9 +62,15 @@ def _tiny_llama_corpus(steps: int, seed: int, lr: float, weight_decay: float, wa
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     train_lm(model, opt, data, TrainerConfig(steps=steps, eval_every=steps, seed=seed, progress=False),
              scheduler=CosineSchedule([opt], steps, int(steps * warmup_fraction)))
-    model.eval()
-    val = eval_batches(data.val_ids, 16, 64, 8)
-    return model, {"val_loss": evaluate_lm(model, val)}
+    return model.eval(), {"val_loss": _corpus_val_loss(model, n_documents)}
+
+
+def _corpus_val_loss(model: torch.nn.Module, n_documents: int) -> float:
+    """Validation loss on 8 fixed batches of 16 x 64 tokens of the synthetic corpus (the labs')."""
+    from mini.lm import eval_batches, evaluate_lm, synthetic_lm_data
+
+    data = synthetic_lm_data(n_documents, seed=0)
+    return evaluate_lm(model, eval_batches(data.val_ids, 16, 64, 8))
 
 
 RECIPES: dict[str, Recipe] = {
@@ -175,10 +180,6 @@ def make_asset(name: str, root: str | Path = ASSET_ROOT, command: str = "make as
 
 def recompute_metrics(name: str, root: str | Path = ASSET_ROOT) -> dict[str, float]:
     """The recorded metrics recomputed from the loaded asset (the tests compare them)."""
-    from mini.lm import eval_batches, evaluate_lm, synthetic_lm_data
-
     info = asset_info(name, root)
-    data = synthetic_lm_data(info["settings"]["n_documents"], seed=0)
-    model = load_asset(name, root=root)
-    return {"val_loss": evaluate_lm(model, eval_batches(data.val_ids, 16, 64, 8))}
+    return {"val_loss": _corpus_val_loss(load_asset(name, root=root), info["settings"]["n_documents"])}
 

@@ -98,13 +98,13 @@ def _plain(v: Any) -> Any:
     if isinstance(v, bool) or v is None or isinstance(v, str):
         return v
     if hasattr(v, "item") and callable(v.item):
-        v = v.item()
+        v = v.item()  # a numpy or torch bool becomes a python bool here, so test bool first
+    if isinstance(v, bool):
+        return v
     if isinstance(v, numbers.Integral):
         return int(v)
     if isinstance(v, numbers.Real):
         return float(v)
-    if isinstance(v, bool):
-        return v
     raise TypeError(f"a claim's value must be a number, a bool or a string, got {type(v).__name__}")
 
 

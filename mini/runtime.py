@@ -30,7 +30,7 @@ import random
 import sys
 from dataclasses import dataclass
 
-__all__ = ["Setup", "setup", "notebook_threads", "cpu_budget", "cpu_kernels", "machine", "ENV_THREADS",
+__all__ = ["Setup", "setup", "notebook_threads", "cpu_budget", "cpu_kernels", "cpu_model", "machine", "ENV_THREADS",
            "ENV_CPUS"]
 
 ENV_THREADS = "MINI_THREADS"  # torch threads of a notebook (default 1)
@@ -77,7 +77,8 @@ def cpu_kernels() -> str:
         return "unknown"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     import platform
 
     try:
@@ -93,7 +94,7 @@ def _cpu_model() -> str:
 def machine() -> str:
     """The CPU model and torch's CPU kernels, e.g. ``"AMD EPYC / AVX512"``: machines with the same
     key compute the same bits; others differ in the last digits (see the module docstring)."""
-    return f"{_cpu_model()} / {cpu_kernels()}"
+    return f"{cpu_model()} / {cpu_kernels()}"
 
 
 @dataclass(frozen=True)

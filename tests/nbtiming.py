@@ -19,7 +19,6 @@ Loaded with ``-p tests.nbtiming``. It
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tools.compare_outputs import printed  # noqa: E402
+from tools.compare_outputs import diff_lines, printed  # noqa: E402
 from tools.timing import budget_of, expected_seconds, part_of  # noqa: E402
 
 _durations: dict[str, float] = defaultdict(float)
@@ -117,8 +116,7 @@ def pytest_runtest_makereport(item, call):
         committed_text = item._mini_committed[0]
         report.user_properties.append(("printed", int(fresh_text != committed_text)))
         if fresh_text != committed_text:
-            diff = [l for l in difflib.unified_diff(committed_text.splitlines(), fresh_text.splitlines(),
-                                                    lineterm="", n=0) if l[:1] in "+-" and l[:3] not in ("+++", "---")]
+            diff = diff_lines(committed_text, fresh_text)
             report.user_properties.append(("printed_diff", (item.nodeid, diff[:6])))
     fresh = claims_of_outputs(getattr(item, "test_outputs", None) or [])
     committed = item._mini_committed[1] if hasattr(item, "_mini_committed") else []

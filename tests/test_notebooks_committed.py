@@ -6,9 +6,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tools.timing import notebooks
+
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted(p for d in ("book", "labs") for p in (ROOT / d).rglob("*.ipynb")
-                   if ".ipynb_checkpoints" not in p.parts)
+NOTEBOOKS = notebooks()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())

@@ -30,6 +30,15 @@ def test_every_lab_has_badge_and_pip_line():
         assert '"google.colab" in sys.modules' in setup.source, f"{rel}: pip must run on Colab only"
 
 
+def test_every_notebook_chapter_installs_mini_on_colab():
+    chapters = repo_links.chapter_notebooks(ROOT)
+    assert chapters, "no notebook chapters found"
+    for nb_path in chapters:
+        setup = next(c for c in nbformat.read(nb_path, as_version=4).cells if c.cell_type == "code")
+        assert repo_links.pip_line(ROOT) in setup.source, f"{nb_path.name}: first code cell lacks %pip line"
+        assert '"google.colab" in sys.modules' in setup.source, f"{nb_path}: pip must run on Colab only"
+
+
 def test_check_detects_a_changed_setting(tmp_path):
     # A copy of the repository with a different branch: every lab and page must be flagged.
     for name in ("_config.yml", "README.md"):
@@ -41,6 +50,7 @@ def test_check_detects_a_changed_setting(tmp_path):
     (tmp_path / "_config.yml").write_text(yaml.safe_dump(config))
     found = repo_links.problems(tmp_path)
     assert any("labs/" in f for f in found)
+    assert any(f.startswith("book/") and ".ipynb" in f for f in found)  # the notebook chapters
     assert any("README.md" in f for f in found)
     assert repo_links.problems(tmp_path, write=True)  # rewrites ...
     assert repo_links.problems(tmp_path) == []  # ... and then agrees

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mini.claims import claims_of_notebook, _fmt  # noqa: E402
+from mini.claims import Claim, _fmt, claims_of_notebook  # noqa: E402
 from tools.timing import _toc  # noqa: E402
 
 PAGE = Path("book") / "claims.md"
@@ -63,10 +63,9 @@ def render(root: Path) -> str:
         for file, c in rows:
             total += 1
             held += bool(c["holds"])
-            anchor = "claim-" + c["id"].replace(".", "-").replace("_", "-")
-            link = f'<a href="../{file}.html#{anchor}">{c["id"]}</a>'
-            nums = [v for v in c.get("values", []) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            rng = f"{_fmt(min(nums))} to {_fmt(max(nums))}" if len(nums) > 1 else _fmt(c["value"])
+            claim = Claim(**c)
+            link = f'<a href="../{file}.html#{claim.anchor}">{c["id"]}</a>'
+            rng = claim.range_text()
             seeds = ", ".join(str(s) for s in c["seeds"])
             unit = f" {c['unit']}" if c.get("unit") else ""
             status = ("holds" if c["holds"] else "does not hold") + (

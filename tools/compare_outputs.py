@@ -39,6 +39,12 @@ def printed(cell: dict) -> str:
     return DURATION.sub("<time>", "".join(stdout) + "\n--- results ---\n" + "\n".join(results))
 
 
+def diff_lines(committed: str, fresh: str) -> list[str]:
+    """The lines that differ, "-" committed and "+" fresh."""
+    return [l for l in difflib.unified_diff(committed.splitlines(), fresh.splitlines(), lineterm="", n=0)
+            if l[:1] in "+-" and not l.startswith(("+++", "---"))]
+
+
 def compare(committed: Path, fresh: Path) -> list[str]:
     a = [c for c in json.loads(committed.read_text())["cells"] if c["cell_type"] == "code"]
     b = [c for c in json.loads(fresh.read_text())["cells"] if c["cell_type"] == "code"]
@@ -48,8 +54,7 @@ def compare(committed: Path, fresh: Path) -> list[str]:
     for i, (ca, cb) in enumerate(zip(a, b)):
         pa, pb = printed(ca), printed(cb)
         if pa != pb:
-            d = [l for l in difflib.unified_diff(pa.splitlines(), pb.splitlines(), lineterm="", n=0)
-                 if l[:1] in "+-" and not l.startswith(("+++", "---"))]
+            d = diff_lines(pa, pb)
             diffs.append(f"cell {i}: " + " | ".join(d[:4]))
     return diffs
 

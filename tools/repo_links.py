@@ -3,7 +3,8 @@
 The one setting is ``repository.url`` and ``repository.branch`` in ``_config.yml``. From it come:
 
 - each lab's "Open in Colab" badge, which must point at the notebook's own path on that branch;
-- the ``%pip install "mini[labs] @ git+URL@BRANCH"`` line in each lab's setup cell (the ``labs``
+- the ``%pip install "mini[labs] @ git+URL@BRANCH"`` line in each lab's and each notebook
+  chapter's first code cell (the ``labs``
   extra of pyproject.toml declares what the notebooks import beyond mini's core);
 - the Colab links and the install line in README.md and in the book's Markdown pages;
 - Jupyter Book's launch buttons (read by Jupyter Book itself from the same section).
@@ -69,11 +70,18 @@ def lab_notebooks(root: Path = ROOT) -> list[Path]:
     return sorted(p for p in (root / "labs").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
 
 
+def chapter_notebooks(root: Path = ROOT) -> list[Path]:
+    """The theory chapters that are notebooks (their launch button opens them on Colab too)."""
+    return sorted(p for p in (root / "book").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+
+
 def problems(root: Path = ROOT, write: bool = False) -> list[str]:
     """Every disagreement with the setting; with ``write`` the files are fixed instead."""
     found: list[str] = []
-    for nb_path in lab_notebooks(root):
+    labs = lab_notebooks(root)
+    for nb_path in labs + chapter_notebooks(root):
         rel = nb_path.relative_to(root).as_posix()
+        is_lab = nb_path in labs
         nb = nbformat.read(nb_path, as_version=4)
         changed = False
         has_badge = has_pip = False
@@ -84,7 +92,7 @@ def problems(root: Path = ROOT, write: bool = False) -> list[str]:
             if new != cell.source:
                 found.append(f"{rel}: a {cell.cell_type} cell disagrees with _config.yml")
                 cell.source, changed = new, True
-        if not has_badge:
+        if is_lab and not has_badge:  # chapters open on Colab from the book's launch button
             found.append(f"{rel}: no Colab badge `{badge(rel, root)}`")
         if not has_pip:
             found.append(f"{rel}: no setup line `{pip_line(root)}`")

@@ -98,7 +98,7 @@ def _merge_full_record(results: list[dict], wall: float) -> None:
     """Merge FULL=1 times into bench/results/timing_full.json (one entry a notebook, the latest)."""
     from datetime import datetime, timezone
 
-    from tools.timing import _cpu_model
+    from mini.runtime import cpu_model
 
     path = ROOT / "bench" / "results" / "timing_full.json"
     record = json.loads(path.read_text()) if path.exists() else {"notebooks": {}}
@@ -106,7 +106,7 @@ def _merge_full_record(results: list[dict], wall: float) -> None:
     for r in results:
         if r["ok"]:
             record["notebooks"][r["path"]] = {"seconds": r["seconds"], "written_utc": when,
-                                              "cpu": _cpu_model(), "cores": os.cpu_count(),
+                                              "cpu": cpu_model(), "cores": os.cpu_count(),
                                               "notebooks_side_by_side": min(len(results), 2)}
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"FULL=1 times merged into {path.relative_to(ROOT)}")

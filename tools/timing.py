@@ -86,9 +86,9 @@ def calibrate() -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from cogo_step import batched_step_fn
 
-    from mini.runtime import cpu_kernels
+    from mini.runtime import cpu_kernels, cpu_model
 
-    out: dict = {"cpu": _cpu_model(), "cpu_kernels": cpu_kernels(), "cores": os.cpu_count(),
+    out: dict = {"cpu": cpu_model(), "cpu_kernels": cpu_kernels(), "cores": os.cpu_count(),
                  "python": platform.python_version(), "torch": torch.__version__}
     saved = torch.get_num_threads()
     for threads in (1, 2):
@@ -111,16 +111,6 @@ def calibrate() -> dict:
         out[f"cogo_step_ms_{threads}t"] = round(1e3 * statistics.median(times), 3)
     torch.set_num_threads(saved)
     return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load(name: str) -> dict:
