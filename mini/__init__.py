@@ -12,7 +12,7 @@ Each part of the book has its method here, next to the kernels and helpers every
 
 - :mod:`mini.runtime`: :func:`~mini.runtime.setup`, every notebook's first call (threads, seeds, device,
   FULL); :mod:`mini.claims`:
-  the claims record each lab writes.
+  the claims record each lab writes; :func:`~mini.display.table`: results as rendered tables.
 
 ``import mini`` works where triton is not installed: every kernel has a PyTorch reference.
 """
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "versions", "setup"]
+__all__ = ["__version__", "versions", "setup", "table"]
 
+from mini.display import table  # noqa: E402  (results as rendered tables)
 from mini.runtime import setup  # noqa: E402  (the first call of every notebook)
 
 

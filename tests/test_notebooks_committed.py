@@ -30,3 +30,20 @@ def test_notebook_is_committed_executed(path):
         if any("image/png" in o.get("data", {}) for o in c.outputs):
             alt = c.metadata.get("mystnb", {}).get("image", {}).get("alt", "")
             assert len(alt) > 20, f"a figure cell without alt text: {c.source.splitlines()[0]!r}"
+
+
+def test_notebook_code_fits_the_column():
+    """Code cells are formatted (ruff, line length 88) and no line is wider than the column."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tools.fit_notebooks import LIMIT, long_lines, notebooks
+
+    long = {str(p): lines for p in notebooks() if (lines := long_lines(p))}
+    assert not long, f"code lines longer than {LIMIT} characters (run tools/fit_notebooks.py): {long}"
+    ruff = Path(sys.executable).with_name("ruff")
+    res = subprocess.run(
+        [str(ruff), "format", "--check", *map(str, notebooks())], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
