@@ -116,11 +116,20 @@ class Setup:
         return {**versions(), "device": name, "cpu_kernels": cpu_kernels(), "threads": self.threads,
                 "FULL": self.full}
 
+    def describe(self) -> str:
+        """:meth:`summary` as two short lines that fit the book's code column."""
+        s = self.summary()
+        threads = f"{s['threads']} torch thread" + ("s" if s["threads"] != 1 else "")
+        return (
+            f"python {s['python']} | torch {s['torch']} | triton {s['triton']} | mini {s['mini']}\n"
+            f"device {s['device']} | CPU kernels {s['cpu_kernels']} | {threads} | FULL={int(s['FULL'])}"
+        )
+
 
 def setup(seed: int = 0, *, verbose: bool = True) -> Setup:
     """Pin torch's threads, seed python, numpy and torch, pick the device, read ``FULL``.
 
-    Call it once at the top of a notebook. ``verbose`` prints :meth:`~mini.runtime.Setup.summary`.
+    Call it once at the top of a notebook. ``verbose`` prints :meth:`~mini.runtime.Setup.describe`.
     Environment: ``FULL=1`` (a lab's paper-scale settings), ``MINI_THREADS`` (default 1).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -138,6 +147,6 @@ def setup(seed: int = 0, *, verbose: bool = True) -> Setup:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = Setup(seed=seed, device=device, full=full, threads=threads)
     if verbose:
-        print(result.summary())
+        print(result.describe())
         sys.stdout.flush()
     return result

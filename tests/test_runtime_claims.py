@@ -22,7 +22,9 @@ def test_setup_pins_threads_and_seeds(monkeypatch, capsys):
         a = torch.rand(3)
         mini.setup(3, verbose=False)
         assert torch.equal(a, torch.rand(3))  # seeded
-        assert "'threads': 1" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "1 torch thread |" in out and "FULL=1" in out
+        assert max(map(len, out.splitlines())) <= 88  # fits the book's code column
         monkeypatch.setenv("MINI_THREADS", "2")
         assert mini.setup(0, verbose=False).threads == 2 == torch.get_num_threads()
     finally:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
 STAGE = BUILD / "src"
 START = time.time()
-STAGED = ["_config.yml", "_toc.yml", "references.bib", "book", "labs"]
+STAGED = ["_config.yml", "_toc.yml", "references.bib", "book", "labs", "mini"]  # mini: literalinclude
 
 
 def _config_without_execution(dst: Path) -> Path:
