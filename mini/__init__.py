@@ -15,6 +15,8 @@ Each part of the book has its method here, next to the kernels and helpers every
   the claims record each lab writes; :func:`~mini.display.table`: results as rendered tables.
 
 ``import mini`` works where triton is not installed: every kernel has a PyTorch reference.
+
+See the book's :doc:`introduction </book/intro>`.
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ from mini.runtime import setup  # noqa: E402  (the first call of every notebook)
 
 
 def versions() -> dict[str, str]:
-    """Versions of python, torch, triton (or ``"not installed"``) and mini, for a lab's printout."""
+    """Versions of python, torch, triton (or ``"not installed"``) and mini, for a lab's printout.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     import platform
 
     import torch

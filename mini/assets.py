@@ -18,6 +18,8 @@ an error, not a silently different lab. The tests load every asset, check its ha
 recompute its recorded validation loss; they also run the recipes at reduced size. Regenerating
 on another machine is not bit-identical (float arithmetic differs in the last digits), only close:
 :data:`REGENERATION_RTOL` is the tolerance on the recorded metric.
+
+Explained in :doc:`/labs/welore/finetuning`.
 """
 from __future__ import annotations
 
@@ -44,10 +46,14 @@ MODEL_FILES = ("config.json", "model.safetensors")
 
 @dataclass(frozen=True)
 class Recipe:
-    """How an asset is made: what it is, its settings, and the function that trains it."""
+    """How an asset is made: what it is, its settings, and the function that trains it.
 
-    description: str
-    settings: dict[str, Any]
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
+
+    description: str  #: what the asset is, in a sentence
+    settings: dict[str, Any]  #: the keyword arguments ``train`` is called with
+    #: trains the asset from ``settings`` and returns (model, metrics)
     train: Callable[..., tuple[torch.nn.Module, dict[str, float]]] = field(repr=False)
 
 
@@ -86,7 +92,10 @@ RECIPES: dict[str, Recipe] = {
 
 
 def sha256_of(path: str | Path) -> str:
-    """The sha256 of a file, hex."""
+    """The sha256 of a file, hex.
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -101,18 +110,27 @@ def _check_name(name: str, root: Path) -> Path:
 
 
 def list_assets(root: str | Path = ASSET_ROOT) -> list[str]:
-    """The names of the assets under ``root`` (folders with an ``asset.json``)."""
+    """The names of the assets under ``root`` (folders with an ``asset.json``).
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
     root = Path(root)
     return sorted(p.name for p in root.iterdir() if (p / "asset.json").exists()) if root.exists() else []
 
 
 def asset_info(name: str, root: str | Path = ASSET_ROOT) -> dict[str, Any]:
-    """An asset's ``asset.json``: recipe, settings, command, metrics, versions, sha256 of each file."""
+    """An asset's ``asset.json``: recipe, settings, command, metrics, versions, sha256 of each file.
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
     return json.loads((_check_name(name, Path(root)) / "asset.json").read_text())
 
 
 def verify_asset(name: str, root: str | Path = ASSET_ROOT) -> None:
-    """Raise ``ValueError`` naming the file when a file's sha256 differs from the recorded one."""
+    """Raise ``ValueError`` naming the file when a file's sha256 differs from the recorded one.
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
     folder = _check_name(name, Path(root))
     for file, digest in asset_info(name, root)["sha256"].items():
         path = folder / file
@@ -129,6 +147,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
 
     The real loading path, used for the book's assets and for your own models alike (a name
     needs the network the first time; the labs pass local folders only).
+
+    Explained in :doc:`/labs/welore/finetuning`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -137,7 +157,10 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
 
 
 def load_asset(name: str, device: str | torch.device = "cpu", root: str | Path = ASSET_ROOT) -> torch.nn.Module:
-    """A shipped asset, its sha256 checked first (see the module docstring)."""
+    """A shipped asset, its sha256 checked first (see the module docstring).
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
     verify_asset(name, root)
     return load_model(Path(root) / name, device)
 
@@ -145,7 +168,10 @@ def load_asset(name: str, device: str | torch.device = "cpu", root: str | Path =
 def make_asset(name: str, root: str | Path = ASSET_ROOT, command: str = "make assets",
                **overrides: Any) -> dict[str, Any]:
     """Train the recipe ``name`` (``overrides`` change its settings, e.g. fewer steps in a test),
-    save the model under ``root/name`` and write its ``asset.json``; returns the record."""
+    save the model under ``root/name`` and write its ``asset.json``; returns the record.
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
     if name not in RECIPES:
         raise ValueError(f"name must be one of {sorted(RECIPES)}, got {name!r}")
     recipe = RECIPES[name]
@@ -179,7 +205,10 @@ def make_asset(name: str, root: str | Path = ASSET_ROOT, command: str = "make as
 
 
 def recompute_metrics(name: str, root: str | Path = ASSET_ROOT) -> dict[str, float]:
-    """The recorded metrics recomputed from the loaded asset (the tests compare them)."""
+    """The recorded metrics recomputed from the loaded asset (the tests compare them).
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
     info = asset_info(name, root)
     return {"val_loss": _corpus_val_loss(load_asset(name, root=root), info["settings"]["n_documents"])}
 

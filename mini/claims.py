@@ -16,6 +16,8 @@ The rule every asserted claim follows (README, "Claims and their margins"): it w
 at least three seeds first, the lab's default seed among them; its threshold sits clearly
 outside the range observed; the lab prints that range, from its own runs (its default seeds, or
 a ``FULL=1`` results file that the lab writes and reads back: ``source="FULL=1"``).
+
+Explained in :doc:`/book/claims`.
 """
 from __future__ import annotations
 
@@ -40,21 +42,24 @@ _ID = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")
 
 @dataclass
 class Claim:
-    """One claim as the record keeps it (see :func:`record` for the fields)."""
+    """One claim as the record keeps it (see :func:`record` for the fields).
 
-    id: str
-    statement: str
-    paper: str
-    value: Any
-    op: str
-    threshold: Any
-    holds: bool
-    asserted: bool
-    seeds: list[int]
-    values: list[Any] = field(default_factory=list)
-    source: str = "default"
-    unit: str = ""
-    machine: str = ""  # mini.runtime.machine(): CPU model and torch's CPU kernels
+    Explained in :doc:`/book/claims`.
+    """
+
+    id: str  #: ``"<lab>.<claim>"``, unique in the book
+    statement: str  #: the claim in one sentence, as the lab tests it
+    paper: str  #: what the paper states or measures
+    value: Any  #: our measured value
+    op: str  #: the check is ``value op threshold``, ``op`` one of ``<, <=, >, >=, ==``
+    threshold: Any  #: the other side of the check
+    holds: bool  #: whether the check passed (at every seed)
+    asserted: bool  #: True if the lab stops when the claim fails, False for a finding
+    seeds: list[int]  #: the seeds it was checked over
+    values: list[Any] = field(default_factory=list)  #: the value at each seed, in the order of ``seeds``
+    source: str = "default"  #: ``"default"`` (this run) or ``"FULL=1"`` (the lab's results file)
+    unit: str = ""  #: printed after the value
+    machine: str = ""  #: CPU model and torch's CPU kernels, from :func:`mini.runtime.machine`
 
     def _ipython_display_(self) -> None:
         """Show nothing: a claim shows its line once, when :func:`record` records it (so a cell
@@ -66,12 +71,14 @@ class Claim:
         return "claim-" + self.id.replace(".", "-").replace("_", "-")
 
     def range_text(self) -> str:
+        """The values over the seeds as "min to max" (the value alone for one seed)."""
         nums = [v for v in self.values if _is_number(v)]
         if len(nums) > 1:
             return f"{_fmt(min(nums))} to {_fmt(max(nums))}"
         return _fmt(self.value)
 
     def line(self) -> str:
+        """The claim's one printed line: check, verdict, kind, seeds, range and source."""
         mark = "holds" if self.holds else "does not hold"
         kind = "asserted" if self.asserted else "finding"
         seeds = ", ".join(str(s) for s in self.seeds)
@@ -124,6 +131,8 @@ def record(
     display: bool = True,
 ) -> Claim:
     """Record one claim of a lab; assert it when ``asserted``.
+
+    Explained in :doc:`/book/claims`.
 
     Args:
         id: ``"<lab>.<claim>"`` in lower case, unique in the book (e.g. ``"welore.spearman"``).
@@ -185,7 +194,10 @@ def _display(claim: Claim) -> None:
 
 
 def claims_of_notebook(nb: Any) -> list[dict[str, Any]]:
-    """Every claim recorded in a notebook's outputs (an ``nbformat`` node or its dict), in order."""
+    """Every claim recorded in a notebook's outputs (an ``nbformat`` node or its dict), in order.
+
+    Explained in :doc:`/book/claims`.
+    """
     out = []
     for cell in nb["cells"]:
         if cell.get("cell_type") != "code":
@@ -195,5 +207,8 @@ def claims_of_notebook(nb: Any) -> list[dict[str, Any]]:
 
 
 def claims_of_outputs(outputs: Sequence[Any]) -> list[dict[str, Any]]:
-    """The claims among a cell's outputs."""
+    """The claims among a cell's outputs.
+
+    Explained in :doc:`/book/claims`.
+    """
     return [dict(o["metadata"][MIME]) for o in outputs if MIME in (o.get("metadata") or {})]

@@ -39,6 +39,8 @@ def table(
     ``".1e"``) or a function of the value; other columns use ``format(value)``; ``None`` shows
     as an empty cell. ``index``: the column whose values label the rows (e.g. the method).
     Display the result (the last expression of a cell, or ``display(...)``) rather than print it.
+
+    See the book's :doc:`introduction </book/intro>`.
     """
     try:
         import pandas as pd

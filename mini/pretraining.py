@@ -49,6 +49,8 @@ INT8 path updates its weights inside backward, where a global norm cannot be tak
 Differences from the papers, and why: the models are tiny (0.8M parameters), the moments of
 ``qgalore`` and ``qgalore_int8`` stay float32 (the paper's Q-GaLore also keeps them in 8 bits:
 that is ``galore8bit``'s concern here), and ReLoRA is not included.
+
+Explained in :doc:`/labs/galore/pretraining`.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ from torch import nn
 from mini.galore import GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
 from mini.lm.lowrank import apply_lora, replace_linears, to_low_rank
 from mini.lm.measure import DEFAULT_MMAP_THRESHOLD, RunSpec, TrainSetup
-from mini.lm.trainer import TrainerConfig
+from mini.lm.trainer import TrainerConfig, place_model
 from mini.qgalore import Int8LayerwiseQGaLore, Int8Linear, QGaLoreAdamW
 from mini.sltrain import convert_to_sltrain
 
@@ -105,6 +107,8 @@ class PretrainHParams:
 
     ``lr`` is the peak learning rate; GaLore's ``scale`` α multiplies the projected updates, so
     the paper pairs α = 0.25 with a larger lr (0.01 against 0.001 for its baselines).
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
 
     lr: float = 3e-3  #: peak learning rate
@@ -151,6 +155,8 @@ class CosineSchedule:
 
     at step ``s`` (0-based), ``w`` warmup steps, ``S`` steps, ``ρ = min_lr_ratio``. Call
     :meth:`step` once per training step (the trainer does).
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
 
     def __init__(self, targets: Iterable[Any], total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.1):
@@ -190,17 +196,21 @@ class CosineSchedule:
                 t.lr = base * f
 
     def step(self) -> None:
+        """Advance one step and set the targets' learning rates (call after the optimizer's step)."""
         self.last_step += 1
         self._apply()
 
     def get_last_lr(self) -> list[float]:
+        """The current learning rate of each target (its first group's, for an optimizer)."""
         f = self.factor(self.last_step)
         return [(b[0] if isinstance(b, list) else b) * f for b in self.base]
 
     def state_dict(self) -> dict[str, Any]:
+        """The step count, all a resumed run needs."""
         return {"last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved step and set the learning rates for it."""
         self.last_step = int(state["last_step"])
         self._apply()
 
@@ -225,15 +235,28 @@ def _galore_groups(model: nn.Module, hp: PretrainHParams) -> list[dict[str, Any]
                                proj_type="std")
 
 
-def setup_method(model: nn.Module, method: str, steps: int, **hparams: Any) -> TrainSetup:
+def setup_method(
+    model: nn.Module, method: str, steps: int, *, device: str | torch.device | None = None, **hparams: Any
+) -> TrainSetup:
     """The :class:`~mini.lm.measure.TrainSetup` of ``method`` (one of :data:`PRETRAINING_METHODS`)
     for ``model``, with a :class:`CosineSchedule` over ``steps``; ``hparams`` are
-    :class:`PretrainHParams` fields. The model may be converted in place (low-rank, LoRA, INT8)."""
+    :class:`PretrainHParams` fields. The model may be converted in place (low-rank, LoRA, INT8).
+
+    ``device`` (:func:`mini.runtime.resolve_device`): the model is moved there first, so the
+    converted layers, the optimizer's state and the INT8 path's rounding generator live there
+    too; None leaves the model where it is and builds everything beside it.
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
     if method not in PRETRAINING_METHODS:
         raise ValueError(f"method must be one of {list(PRETRAINING_METHODS)}, got {method!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     hp = PretrainHParams(**hparams)
+    dev = place_model(model, device)
+    if method == "qgalore_int8" and dev.type == "meta":
+        raise ValueError(f"device must be 'cpu' or 'cuda' for method 'qgalore_int8', got {device!r} (model on "
+                         f"{dev}): its stochastic rounding needs a generator, which the meta device has not")
     holders: list[Any] = []
     info = None
     if method == "adamw":
@@ -266,7 +289,7 @@ def setup_method(model: nn.Module, method: str, steps: int, **hparams: Any) -> T
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **_adam_kwargs(hp))
     else:  # qgalore_int8
         report = replace_linears(model, lambda name, lin: Int8Linear.from_linear(lin, group_size=256))
-        generator = torch.Generator().manual_seed(hp.seed)
+        generator = torch.Generator(device=dev).manual_seed(hp.seed)  # on the layers' device
         layerwise = Int8LayerwiseQGaLore(model, rank=hp.rank, update_proj_gap=hp.update_proj_gap, scale=hp.scale,
                                          generator=generator, **_adam_kwargs(hp))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **_adam_kwargs(hp))
@@ -290,15 +313,21 @@ def run_spec(
     model_seed: int = 0,
     threads: int | None = None,
     mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD,
+    device: str | torch.device | None = None,
     **hparams: Any,
 ) -> RunSpec:
     """The :class:`~mini.lm.measure.RunSpec` of ``method`` (None: the baseline that trains nothing).
 
     ``mmap_threshold=None`` leaves the child's allocator at glibc's (faster) default, for runs
     whose peak memory is not read (see :func:`mini.lm.measure.fix_malloc_thresholds`).
+    ``device``: where the child trains (:func:`mini.runtime.resolve_device`). Peak memory is
+    measured on the CPU only (it is the process's resident set): a run on ``"cuda"`` needs
+    ``mmap_threshold=None``, else :class:`~mini.lm.measure.RunSpec` raises ValueError.
 
     Every run preloads the libraries of all methods (peft, mini.galore, mini.qgalore), so the
     baseline's peak memory carries the same imports.
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
     if method is not None and method not in PRETRAINING_METHODS:
         raise ValueError(f"method must be one of {list(PRETRAINING_METHODS)} or None, got {method!r}")
@@ -316,4 +345,5 @@ def run_spec(
         preload=PRELOAD,
         threads=threads,
         mmap_threshold=mmap_threshold,
+        device=device,
     )

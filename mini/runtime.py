@@ -22,6 +22,8 @@ causes are known:
 test harness when it runs notebooks side by side; else the cores of the machine): helpers that
 start processes of their own (:func:`mini.lm.measure.measure_in_fresh_processes`) start no more
 than it allows, so running notebooks side by side never oversubscribes the cores.
+
+See the book's :doc:`introduction </book/intro>`.
 """
 from __future__ import annotations
 
@@ -29,9 +31,13 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["Setup", "setup", "notebook_threads", "cpu_budget", "cpu_kernels", "cpu_model", "machine", "ENV_THREADS",
-           "ENV_CPUS"]
+if TYPE_CHECKING:  # torch is imported where it is used: reading the environment needs none
+    import torch
+
+__all__ = ["Setup", "setup", "resolve_device", "DEVICE_TYPES", "notebook_threads", "cpu_budget", "cpu_kernels",
+           "cpu_model", "machine", "ENV_THREADS", "ENV_CPUS"]
 
 ENV_THREADS = "MINI_THREADS"  # torch threads of a notebook (default 1)
 ENV_CPUS = "MINI_CPUS"  # cores a notebook may keep busy (default: the machine's)
@@ -58,17 +64,65 @@ def _machine_cores() -> int:
 
 
 def notebook_threads() -> int:
-    """Torch threads a notebook runs with: ``MINI_THREADS``, else 1 (see the module docstring)."""
+    """Torch threads a notebook runs with: ``MINI_THREADS``, else 1 (see the module docstring).
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     return _positive_int_env(ENV_THREADS, 1)
 
 
 def cpu_budget() -> int:
-    """Cores this process may keep busy: ``MINI_CPUS``, else the cores of the machine."""
+    """Cores this process may keep busy: ``MINI_CPUS``, else the cores of the machine.
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
     return min(_positive_int_env(ENV_CPUS, _machine_cores()), _machine_cores())
 
 
+#: Device types that the library's ``device=`` arguments accept; "meta" (shapes, no data) serves tests.
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "meta")
+
+
+def resolve_device(device: str | torch.device | None, *, name: str = "device") -> torch.device | None:
+    """Check a ``device=`` argument and return it as a ``torch.device`` (None stays None).
+
+    None means "where the model already is" (the CPU unless it was moved). Allowed: ``"cpu"``,
+    ``"cuda"``, ``"cuda:<index>"``, ``"meta"`` or such a ``torch.device``; CUDA only where
+    ``torch.cuda.is_available()``. Every public function of Part II that takes ``device`` calls
+    this first, so a typo or a missing GPU fails at once with one message, not deep in a model.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
+    import torch
+
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be None, a str or a torch.device, got {type(device).__name__} {device!r}")
+    allowed = "'cpu', 'cuda', 'cuda:<index>' or 'meta' (or None: where the model already is)"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{name} must be one of {allowed}, got {device!r}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"{name} must be one of {allowed}, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={device!r} needs CUDA, which is not available here "
+                             "(torch.cuda.is_available() is False); use 'cpu' (mini.setup().device "
+                             "picks 'cuda' only where there is a GPU)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and not 0 <= dev.index < n:
+            raise ValueError(f"{name}={device!r} names CUDA device {dev.index}, but this machine has {n} "
+                             f"(indices 0 to {n - 1})")
+    return dev
+
+
 def cpu_kernels() -> str:
-    """The CPU kernels torch dispatches to here, e.g. ``"AVX512"``, ``"AVX2"`` or ``"DEFAULT"``."""
+    """The CPU kernels torch dispatches to here, e.g. ``"AVX512"``, ``"AVX2"`` or ``"DEFAULT"``.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     import torch
 
     try:
@@ -78,7 +132,10 @@ def cpu_kernels() -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The CPU's model name (from /proc/cpuinfo where there is one).
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     import platform
 
     try:
@@ -93,18 +150,24 @@ def cpu_model() -> str:
 
 def machine() -> str:
     """The CPU model and torch's CPU kernels, e.g. ``"AMD EPYC / AVX512"``: machines with the same
-    key compute the same bits; others differ in the last digits (see the module docstring)."""
+    key compute the same bits; others differ in the last digits (see the module docstring).
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     return f"{cpu_model()} / {cpu_kernels()}"
 
 
 @dataclass(frozen=True)
 class Setup:
-    """What :func:`setup` fixed, for a notebook's first cell."""
+    """What :func:`setup` fixed, for a notebook's first cell.
 
-    seed: int
-    device: str  # "cuda" when a GPU is visible, else "cpu"
-    full: bool  # FULL=1 in the environment: the paper-scale settings of a lab
-    threads: int  # torch intra-op threads
+    See the book's :doc:`introduction </book/intro>`.
+    """
+
+    seed: int  #: the seed of python, numpy and torch
+    device: str  #: "cuda" when a GPU is visible, else "cpu"
+    full: bool  #: True when FULL=1 is set in the environment (a lab's paper-scale settings)
+    threads: int  #: torch intra-op threads
 
     def summary(self) -> dict[str, object]:
         """Versions, device, CPU kernels, threads and FULL: the line a lab prints first."""
@@ -131,6 +194,8 @@ def setup(seed: int = 0, *, verbose: bool = True) -> Setup:
 
     Call it once at the top of a notebook. ``verbose`` prints :meth:`~mini.runtime.Setup.describe`.
     Environment: ``FULL=1`` (a lab's paper-scale settings), ``MINI_THREADS`` (default 1).
+
+    See the book's :doc:`introduction </book/intro>`.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")

@@ -21,8 +21,9 @@ values, many small ones) loses many directions and a matrix with a flat spectrum
 rank reduction is non-uniform across layers. A matrix whose factorisation pays off becomes a
 **Low-Rank Component** (LRC), replaced by its two SVD factors, trainable::
 
-    (5)  LRC  ⇔  k (m + n) < m n  ⇔  k < m n / (m + n)          (the break-even rank)
-    (6)  W_k = U_k diag(s_k) V_kᵀ = B A,   B = U_k diag(√s_k) (m × k),   A = diag(√s_k) V_kᵀ (k × n)
+    (5)  LRC  ⇔  k (m + n) < m n  ⇔  k < m n / (m + n)      (the break-even rank)
+    (6)  W_k = U_k diag(s_k) V_kᵀ = B A,
+         B = U_k diag(√s_k) (m × k),   A = diag(√s_k) V_kᵀ (k × n)
 
 (:class:`LowRankComponent`: ``up.weight = B``, ``down.weight = A``, ``y = x Aᵀ Bᵀ``); every other
 matrix is a **Non-Low-Rank Component** (N-LRC), kept dense and frozen. Fine-tuning then trains
@@ -88,6 +89,8 @@ zero), and training them moves the layer within rank k, with fewer parameters th
 - **Fine-tuning set.** :func:`freeze_for_lrc_finetuning` trains the LRC factors only; the official
   continual fine-tuning script also leaves the RMSNorm weights trainable (it freezes only the
   embeddings, the head and the N-LRCs): ``train_norms=True`` reproduces that.
+
+Explained in :doc:`/book/welore/theory`.
 """
 from __future__ import annotations
 
@@ -171,6 +174,8 @@ def normalized_singular_values(s: Tensor) -> Tensor:
     ``s`` is a 1-D tensor of singular values (any order). A spectrum is flat when
     ``max s − min s ≤ 100·eps·max s`` (eps of ``s``'s dtype): the zero matrix or a scaled
     orthogonal matrix, where no direction is less important than another.
+
+    Explained in :doc:`/book/welore/theory`.
     """
     if not isinstance(s, Tensor):
         raise TypeError(f"s must be a torch.Tensor, got {type(s).__name__}")
@@ -193,6 +198,8 @@ class MatrixSpectrum:
 
     ``s`` is descending, float32 (float64 for a float64 weight), of length ``r = min(out, in)``.
     ``U`` (out × r) and ``Vh`` (r × in) are kept for :func:`compress`, or None (recomputed then).
+
+    Explained in :doc:`/book/welore/theory`.
     """
 
     name: str  #: qualified module name, e.g. ``model.layers.0.self_attn.q_proj``
@@ -269,6 +276,8 @@ class Spectra:
 
     Built by :func:`analyze_spectra` (from a model) or :meth:`from_singular_values` (from bare
     spectra, e.g. random ones in a test or a chapter cell).
+
+    Explained in :doc:`/book/welore/theory`.
     """
 
     def __init__(self, matrices: Sequence[MatrixSpectrum]) -> None:
@@ -381,6 +390,8 @@ def analyze_spectra(
     projections, :data:`~mini.lm.lowrank.DEFAULT_PATTERNS`); matching nothing is an error. SVDs
     run in float32 (float64 for float64 weights) on the weight's device; with ``keep_factors``
     the ``U``, ``Vh`` factors are cached for :func:`compress`.
+
+    Explained in :doc:`/book/welore/theory`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -395,19 +406,28 @@ def analyze_spectra(
 
 # ----------------------------------------------------------------------------- thresholds
 def pruned_ranks(spectra: Spectra, tau: float) -> dict[str, int]:
-    """Equation (3) for every matrix: ``name → k_pruned(τ)``."""
+    """Equation (3) for every matrix: ``name → k_pruned(τ)``.
+
+    Explained in :doc:`/book/welore/theory`.
+    """
     _check_spectra(spectra)
     tau = _check_tau(tau)
     return {m.name: m.pruned(tau) for m in spectra}
 
 
 def effective_rank_reduction(spectra: Spectra, tau: float) -> float:
-    """Equation (4): ``ρ(τ) = Σ k_pruned / Σ r``, non-decreasing in τ, 0 at τ = 0."""
+    """Equation (4): ``ρ(τ) = Σ k_pruned / Σ r``, non-decreasing in τ, 0 at τ = 0.
+
+    Explained in :doc:`/book/welore/theory`.
+    """
     return sum(pruned_ranks(spectra, tau).values()) / _check_spectra(spectra).total_rank
 
 
 class Threshold(NamedTuple):
-    """What :func:`threshold_for_reduction` found: ``tau, achieved = threshold_for_reduction(...)``."""
+    """What :func:`threshold_for_reduction` found: ``tau, achieved = threshold_for_reduction(...)``.
+
+    Explained in :doc:`/book/welore/theory`.
+    """
 
     tau: float  #: the global threshold τ ∈ [0, 1]
     achieved: float  #: ρ(τ), the attempted effective rank reduction (4) at that τ
@@ -426,6 +446,8 @@ def threshold_for_reduction(spectra: Spectra, target: float) -> Threshold:
     the float 0.1 is slightly above one tenth). A target above ρ(1) (every matrix keeps only its top direction, or its ties at the top)
     returns τ = 1's level. The τ returned is moved to the middle of the interval of thresholds
     that give the chosen level.
+
+    Explained in :doc:`/book/welore/theory`.
     """
     _check_spectra(spectra)
     target = _check_target(target)
@@ -471,6 +493,8 @@ def uniform_pruned_ranks(spectra: Spectra, target: float) -> dict[str, int]:
     Each matrix loses ``floor(target · r)`` directions or one more, the extra ones going to the
     largest remainders (model order on ties), so the total is ``round(target · Σ r)`` and the
     reduction matches WeLore's at equal total rank. At least one direction of each matrix is kept.
+
+    Explained in :doc:`/book/welore/theory`.
     """
     _check_spectra(spectra)
     target = _check_target(target)
@@ -491,7 +515,10 @@ def uniform_pruned_ranks(spectra: Spectra, target: float) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- break-even rule
 def break_even_rank(out_features: int, in_features: int) -> float:
-    """``m n / (m + n)``: below this kept rank the two factors of (6) hold fewer numbers than ``W``."""
+    """``m n / (m + n)``: below this kept rank the two factors of (6) hold fewer numbers than ``W``.
+
+    Explained in :doc:`/book/welore/theory`.
+    """
     for name, v in (("out_features", out_features), ("in_features", in_features)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -500,7 +527,10 @@ def break_even_rank(out_features: int, in_features: int) -> float:
 
 
 def pays_off(rank: int, out_features: int, in_features: int) -> bool:
-    """Rule (5): ``rank · (m + n) < m · n`` (exact integer arithmetic)."""
+    """Rule (5): ``rank · (m + n) < m · n`` (exact integer arithmetic).
+
+    Explained in :doc:`/book/welore/theory`.
+    """
     break_even_rank(out_features, in_features)  # validates the sizes
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
         raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
@@ -515,6 +545,8 @@ class LowRankComponent(nn.Module):
     ``down.weight`` (rank × in) ``= diag(√s_k) V_kᵀ`` and ``up.weight`` (out × rank)
     ``= U_k diag(√s_k)`` after :meth:`from_svd`; the official code calls them ``V`` and ``U``.
     A bias, if any, is kept as a parameter that :func:`freeze_for_lrc_finetuning` freezes.
+
+    Explained in :doc:`/book/welore/theory`.
     """
 
     def __init__(
@@ -610,7 +642,10 @@ class LowRankComponent(nn.Module):
 # ----------------------------------------------------------------------------- the report
 @dataclass
 class MatrixReport:
-    """One row of a :class:`CompressionReport`: what happened to one matrix."""
+    """One row of a :class:`CompressionReport`: what happened to one matrix.
+
+    Explained in :doc:`/book/welore/theory`.
+    """
 
     name: str  #: qualified module name
     shape: tuple[int, int]  #: (out, in) = (m, n)
@@ -630,13 +665,16 @@ class MatrixReport:
 
 @dataclass
 class CompressionReport:
-    """What :func:`compress` did, per matrix and in total; ``rows()`` feeds a table or DataFrame."""
+    """What :func:`compress` did, per matrix and in total; ``rows()`` feeds a table or DataFrame.
+
+    Explained in :doc:`/labs/welore/compression`.
+    """
 
     method: str  #: "welore" or "uniform"
     target: float  #: the requested effective rank reduction
     tau: float | None  #: the global threshold (None for the uniform baseline)
     nlrc: str  #: "dense" or "truncate"
-    min_ratio: float | None  #: None: break-even rule (5); else the official rule
+    min_ratio: float | None  #: the official rule's minimum ratio, or None for the break-even rule (5)
     matrices: list[MatrixReport] = field(default_factory=list)  #: in model order
     params_before: int = 0  #: all parameters of the model before
     params_after: int = 0  #: all parameters after
@@ -653,12 +691,12 @@ class CompressionReport:
 
     @property
     def attempted_reduction(self) -> float:
-        """``Σ k_pruned / Σ r``: what the selection asked for, (4) at τ for WeLore."""
+        """What the selection asked for, ``Σ k_pruned / Σ r`` ((4) at τ for WeLore)."""
         return sum(m.pruned for m in self.matrices) / self.total_rank
 
     @property
     def achieved_reduction(self) -> float:
-        """``1 − Σ kept / Σ r``: what the compressed model applies (the official "reduction ratio")."""
+        """What the compressed model applies, ``1 − Σ kept / Σ r`` (the official "reduction ratio")."""
         return (self.total_rank - self.kept_rank) / self.total_rank
 
     @property
@@ -766,6 +804,8 @@ def compress(
     an identical copy) avoids recomputing SVDs in a sweep; ``patterns`` is used only without it.
     To keep the original, compress a ``copy.deepcopy(model)``. To compare methods at equal total
     rank, use ``nlrc="truncate"`` (or ``min_ratio=0.0``) so that every matrix applies its kept rank.
+
+    Explained in :doc:`/book/welore/theory`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -846,12 +886,18 @@ def _lrcs(model: nn.Module) -> list[tuple[str, LowRankComponent]]:
 
 
 def lrc_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The factors (``down.weight``, ``up.weight``) of every LRC of ``model``, in model order."""
+    """The factors (``down.weight``, ``up.weight``) of every LRC of ``model``, in model order.
+
+    Explained in :doc:`/book/welore/theory`.
+    """
     return [p for _, m in _lrcs(model) for p in (m.down.weight, m.up.weight)]
 
 
 def lrc_ranks(model: nn.Module) -> dict[str, int]:
-    """``name → rank`` of every LRC of ``model``."""
+    """``name → rank`` of every LRC of ``model``.
+
+    Explained in :doc:`/book/welore/theory`.
+    """
     return {n: m.rank for n, m in _lrcs(model)}
 
 
@@ -861,6 +907,8 @@ def freeze_for_lrc_finetuning(model: nn.Module, train_norms: bool = False) -> li
     Embeddings, head, N-LRCs and biases get ``requires_grad=False``. ``train_norms=True`` also
     trains the normalisation weights (RMSNorm/LayerNorm), as the official continual fine-tuning
     script does. A model without LRCs is an error (nothing would train).
+
+    Explained in :doc:`/book/welore/theory`.
     """
     lrcs = _lrcs(model)
     if not lrcs:
@@ -889,6 +937,8 @@ def merge_lrcs(model: nn.Module) -> list[str]:
 
     The forward is unchanged up to rounding; the merged weights are trainable (``nn.Linear``'s
     default). Returns the merged names.
+
+    Explained in :doc:`/book/welore/theory`.
     """
     lrcs = _lrcs(model)
     for name, lrc in lrcs:
@@ -907,6 +957,8 @@ def load_compressed(
     ``X.up.weight`` (out × k) is first replaced by an empty :class:`LowRankComponent` of rank k
     (no SVD), then the state dict is loaded (``strict`` as in ``load_state_dict``). Trainable
     flags are not in a state dict: call :func:`freeze_for_lrc_finetuning` before training.
+
+    Explained in :doc:`/labs/welore/finetuning`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

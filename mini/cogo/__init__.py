@@ -15,6 +15,8 @@ theory) explains the theory; the Part I lab trains and analyses networks.
 
 The modules are ``analysis`` and ``trainer``, so that the functions :func:`~mini.cogo.analysis.analyze`
 and :func:`~mini.cogo.trainer.train` re-exported here do not shadow them.
+
+Explained in :doc:`/book/cogo/theory`.
 """
 from __future__ import annotations
 

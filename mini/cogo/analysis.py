@@ -38,6 +38,8 @@ Differences from the official code: the official search permutes nodes to match 
 ratios and then fixes signs with a 0.2 threshold; we minimise the full 3-row ratio error jointly
 over pairings, orientations and sign flips (never worse, and deterministic). We also report
 β = a₂/ω̄₃ (the official divides by ω₃ for both α and β).
+
+Explained in :doc:`/labs/cogo/gd_solutions`.
 """
 from __future__ import annotations
 
@@ -70,22 +72,22 @@ _W3 = cmath.exp(2j * math.pi / 3)
 
 @dataclass
 class Analysis:
-    """Result of :func:`analyze` for one network.
+    """Result of :func:`analyze` for one network; k = 1 … (d−1)/2 indexes the frequencies.
 
-    ``orders[k]`` is the number of live nodes on frequency k (k = 1 … (d−1)/2, 0 included);
-    ``types[k]`` the block type ("empty" when the order is 0); ``errors[k]`` the factorization
-    error of order-4/6 blocks (of the chosen factorization; the smallest one when none fits); ``params[k]`` the factor names and parameters of factorable
-    blocks; ``assignment[j]`` node j's frequency (0 … (d−1)/2) or −1 when dead.
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
 
-    d: int
-    q: int
-    threshold: float
-    factor_tol: float
-    assignment: list[int]
-    orders: dict[int, int]
-    types: dict[int, str]
+    d: int  #: the modulus
+    q: int  #: hidden nodes
+    threshold: float  #: a node is dead when its largest ``|z_a|`` is at most this
+    factor_tol: float  #: largest factorization error for a block to be named
+    assignment: list[int]  #: node j's frequency (0 … (d−1)/2), or −1 when dead
+    orders: dict[int, int]  #: live nodes on frequency k (0 included)
+    types: dict[int, str]  #: block type of frequency k ("empty" when its order is 0)
+    #: factorization error of an order-4/6 block (of the chosen factorization; the smallest one
+    #: when none fits)
     errors: dict[int, float] = field(default_factory=dict)
+    #: factor names and parameters of a factorable block
     params: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -149,6 +151,8 @@ def classify_factor(A: np.ndarray, tol: float = 0.1) -> tuple[str, dict[str, com
     """Name a 2- or 3-node factor ``A`` (3 × n, first column ones): see the module docstring.
 
     Returns ``(name, params)`` with name in {"xi", "4c", "nu", "syn", "syn_ab", "unknown"}.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     A = np.array(A, dtype=np.complex128)
     if A.ndim != 2 or A.shape[0] != 3 or A.shape[1] not in (2, 3):
@@ -231,6 +235,8 @@ def factorize_block(F: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     Returns ``(err, X, Y)``: the smallest ratio error, the 2-node factor ``X = [1, ρ]`` (3 × 2)
     and the q/2-node factor ``Y`` (3 × q/2, first column ones). Searches pairings, orientations
     and per-pair sign flips (a, b, c) → (−a, −b, c).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     errs, cands = _candidates(F)
     flat, build = cands[0]
@@ -250,7 +256,10 @@ def _block_type(q: int, n1: str, n2: str) -> str:
 
 
 def analyze(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol: float = 0.1) -> Analysis:
-    """Assign nodes to frequencies, count orders, factor and name order-4/6 blocks (odd d >= 3)."""
+    """Assign nodes to frequencies, count orders, factor and name order-4/6 blocks (odd d >= 3).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
     q, d = check_weights(Wa, Wb, Wc)
     check_d(d, odd=True)
     for v, n in ((threshold, "threshold"), (factor_tol, "factor_tol")):
@@ -302,7 +311,10 @@ def analyze(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol: floa
 
 
 def analyze_batch(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol: float = 0.1) -> list[Analysis]:
-    """:func:`analyze` for a stack of S networks: ``Wa, Wb`` (S, q, d), ``Wc`` (S, d, q)."""
+    """:func:`analyze` for a stack of S networks: ``Wa, Wb`` (S, q, d), ``Wc`` (S, d, q).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
     ws = []
     for w, n in zip((Wa, Wb, Wc), ("Wa", "Wb", "Wc")):
         if isinstance(w, np.ndarray):
@@ -318,7 +330,10 @@ def analyze_batch(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol
 
 
 def pooled_summary(analyses: list[Analysis]) -> dict[str, Any]:
-    """Pool analyses (e.g. over seeds): order histogram and type counts summed, shares of the totals."""
+    """Pool analyses (e.g. over seeds): order histogram and type counts summed, shares of the totals.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
     if not analyses or not all(isinstance(a, Analysis) for a in analyses):
         raise TypeError("analyses must be a non-empty list of Analysis")
     hist: Counter = Counter()

@@ -42,6 +42,8 @@ Global constructions (odd d >= 3, blocks on k = 1 … (d−1)/2, each block scal
 Differences from the official code: the official repository checks constructions in notebooks
 by hand; the exact form of the paper's z_F4/6 bias channel is not published as code, so ours is
 the linear-system version described above (it matches the digest's description).
+
+Explained in :doc:`/book/cogo/theory`.
 """
 from __future__ import annotations
 
@@ -90,7 +92,10 @@ def _unit(name: str, value: Any) -> complex:
 
 
 def partial_coefficients(name: str, **params: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The +k coefficient rows ``(a, b, c)`` (complex128, one entry per node) of a partial."""
+    """The +k coefficient rows ``(a, b, c)`` (complex128, one entry per node) of a partial.
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     if name not in PARTIALS:
         raise ValueError(f"name must be one of {PARTIALS}, got {name!r}")
     extra = set(params) - set(_PARAMS[name])
@@ -140,14 +145,20 @@ def _on_frequency(d: int, k: int, a: np.ndarray, b: np.ndarray, c: np.ndarray) -
 
 
 def partial(name: str, d: int, k: int, **params: Any) -> Weights:
-    """Real float64 weights of a partial solution living on frequency ±k (odd d >= 3)."""
+    """Real float64 weights of a partial solution living on frequency ±k (odd d >= 3).
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     d = check_d(d, odd=True)
     k = _check_k(k, d)
     return _on_frequency(d, k, *partial_coefficients(name, **params))
 
 
 def partial_constraints(name: str, **params: Any) -> dict[str, dict[str, complex]]:
-    """Constraint-set values (R_c, R_n, R*) of a partial solution, unscaled."""
+    """Constraint-set values (R_c, R_n, R*) of a partial solution, unscaled.
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     return constraint_sets(*partial_coefficients(name, **params))
 
 
@@ -168,7 +179,10 @@ def _block(d: int, k: int, n1: str, n2: str, params: dict[str, Any]) -> Weights:
 
 
 def n_nodes(name: str, d: int) -> int:
-    """Number of hidden nodes of a construction: 3(d−1) for F6, F6_ab; 2(d−1) for F4; 2d for F4/6."""
+    """Number of hidden nodes of a construction: 3(d−1) for F6, F6_ab; 2(d−1) for F4; 2d for F4/6.
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     _check_name(name)
     d = check_d(d, odd=True)
     return {"F6": 3 * (d - 1), "F6_ab": 3 * (d - 1), "F4": 2 * (d - 1), "F4/6": 2 * d}[name]
@@ -185,6 +199,8 @@ def construct(name: str, d: int, **params: Any) -> Weights:
     ``name`` in ``CONSTRUCTIONS``; ``params`` may override ``nu``, ``alpha``, ``beta``,
     ``xi`` (unit complex numbers) and, for ``"F4/6"``, ``k0`` (the order-6 frequency, default 1).
     ``"F4"`` is deliberately not global (loss 2(d−1)/d); the others have zero loss.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     _check_name(name)
     d = check_d(d, odd=True)
@@ -230,7 +246,10 @@ def construct(name: str, d: int, **params: Any) -> Weights:
 
 
 def memorization(d: int) -> Weights:
-    """Perfect memorization with d² nodes (order d²): zero loss for any d >= 2, float64."""
+    """Perfect memorization with d² nodes (order d²): zero loss for any d >= 2, float64.
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     d = check_d(d)
     q = d * d
     Wa = torch.zeros(q, d, dtype=torch.float64)

@@ -29,7 +29,8 @@ while the target ``e_{a+b}`` has ``(1/d) ω^{k(a+b)}``. ``P⊥`` removes k = 0; 
 (m, 0) and (0, m) are S_a and S_b alone)::
 
     ℓ = d⁻¹ Σ_{k≠0} ℓ_k + (d−1)/d,
-    ℓ_k = −2 Re r̃_{kkk} + Σ_{k1,k2≠0} |r̃_{k1k2k}|² + ¼ Σ_{m≠0} Σ_p |S̃_{p,m,k}|² + ¼ |S̃_{a,0,k} + S̃_{b,0,k}|²
+    ℓ_k = −2 Re r̃_{kkk} + Σ_{k1,k2≠0} |r̃_{k1k2k}|²
+          + ¼ Σ_{m≠0} Σ_p |S̃_{p,m,k}|² + ¼ |S̃_{a,0,k} + S̃_{b,0,k}|²
 
 with ``S̃ = 2d·S``. The constants are the digest's; we verified them to ~1e-15 relative error in
 float64 (tests/test_cogo_core.py). Without centring the identity fails: ``r_{m,0,k}`` mixes with
@@ -38,6 +39,8 @@ the network (and its loss), so centre before analysing, or compare centred with 
 
 Differences from the official code: the official notebooks compute the same coefficients with
 an explicit DFT matrix; we use ``torch.fft`` in complex128 and return whole (d, d, d) tensors.
+
+Explained in :doc:`/book/cogo/theory`.
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ def coefficients(Wa: Any, Wb: Any, Wc: Any) -> tuple[torch.Tensor, torch.Tensor,
     """Fourier coefficients ``(za, zb, zc)``, complex128 of shape ``(d, q)`` indexed ``[k, j]``.
 
     Computed on detached CPU float64 copies: for analysis, not for gradients.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     Wa, Wb, Wc = as_weights(Wa, Wb, Wc)
     Wa, Wb, Wc = (w.detach().to("cpu", torch.float64) for w in (Wa, Wb, Wc))
@@ -102,6 +107,8 @@ def from_coefficients(
     """Inverse of :func:`coefficients`: real float64 ``(Wa, Wb, Wc)``.
 
     Raises ValueError unless every ``z[-k] = conj(z[k])`` to ``rtol`` times the largest modulus.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     za, zb, zc = _check_coeffs(za, zb, zc)
     d = za.shape[0]
@@ -128,6 +135,8 @@ def center(Wa: Any, Wb: Any, Wc: Any) -> tuple[torch.Tensor, torch.Tensor, torch
     """Remove the frequency-0 part of ``Wa`` and ``Wb`` (their row means); ``Wc`` unchanged.
 
     After centring ``z_{a,0} = z_{b,0} = 0``, the hypothesis of the loss decomposition.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     Wa, Wb, Wc = as_weights(Wa, Wb, Wc)
     return Wa - Wa.mean(dim=1, keepdim=True), Wb - Wb.mean(dim=1, keepdim=True), Wc
@@ -142,6 +151,8 @@ def potentials(Wa: Any, Wb: Any, Wc: Any) -> dict[str, torch.Tensor]:
 
     ``r[k1, k2, k] = 2d Σ_j z_{a,k1,j} z_{b,k2,j} z_{c,k,j}`` and
     ``r_p[k1, k2, k] = 2d Σ_j z_{p,k1,j} z_{p,k2,j} z_{c,k,j}``; the target is ``r[k, k, k] = 1``.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     za, zb, zc = coefficients(Wa, Wb, Wc)
     d = za.shape[0]
@@ -178,6 +189,8 @@ def per_frequency_loss(pots: dict[str, torch.Tensor]) -> torch.Tensor:
     """``ℓ_k`` of the decomposition for every k, float64 of shape ``(d,)``; entry 0 is 0.
 
     Exact only for centred weights (``z_{a,0} = z_{b,0} = 0``); see the module docstring.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     r, ra, rb = _check_pots(pots)
     d = r.shape[0]
@@ -193,7 +206,10 @@ def per_frequency_loss(pots: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def loss_from_potentials(pots: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``ℓ = d⁻¹ Σ_{k≠0} ℓ_k + (d−1)/d``, a 0-dim float64 tensor (exact for centred weights)."""
+    """``ℓ = d⁻¹ Σ_{k≠0} ℓ_k + (d−1)/d``, a 0-dim float64 tensor (exact for centred weights).
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     lk = per_frequency_loss(pots)
     d = lk.shape[0]
     return lk[1:].sum() / d + (d - 1) / d
@@ -206,6 +222,8 @@ def sufficient_conditions(Wa: Any, Wb: Any, Wc: Any, atol: float = 1e-8) -> dict
     k1, k2 ≠ 0; ``"R_star"`` ``max |Σ_k' r̃_{p,k',m−k',k}|`` over p, m ≠ 0; ``"R_n"``
     ``max |Σ_p Σ_k' r̃_{p,k',−k',k}|`` (all over k ≠ 0); ``"ok_<name>"`` each ``<= atol``; ``"ok"``
     all of them. ``"centred"`` says whether ``z_{a,0} = z_{b,0} = 0`` (to atol).
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     if not isinstance(atol, (int, float)) or isinstance(atol, bool) or atol < 0:
         raise ValueError(f"atol must be a non-negative number, got {atol!r}")
@@ -241,6 +259,8 @@ def constraint_sets(a: Any, b: Any, c: Any) -> dict[str, dict[str, complex]]:
     e.g. ``"a*bc"`` = Σ_j ā_j b_j c_j). For a global solution, after scaling ``abc`` = 1/(2d),
     the rest of R_c and all of R* vanish and the two R_n values sum to zero (summed over every
     block that feeds output frequency k).
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     arrs = []
     for x, n in zip((a, b, c), ("a", "b", "c")):

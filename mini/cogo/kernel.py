@@ -73,6 +73,8 @@ one seed per chunk: ~1.1 ms per seed-step single-threaded, vs ~8 ms for 5 seeds 
 Differences from the official code: it runs one seed at a time through ``nn.Linear`` layers and
 autograd; the result is the same (the tests check it against autograd, and the trainer against
 the paper-style loop :func:`mini.cogo.trainer.train_per_seed_autograd`).
+
+Explained in :doc:`/labs/cogo/gd_solutions`.
 """
 from __future__ import annotations
 
@@ -256,6 +258,8 @@ def loss_and_grads_reference(
     Shapes: ``Wa, Wb`` (S, q, d), ``Wc`` (S, d, q), ``mask`` (S, d, d) with 1 for a training
     pair. Returns ``(loss (S,), dWa, dWb, dWc)``: each seed's mean loss over its training pairs
     and the gradients of their sum. float32 or float64. No autograd, no index gather.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     S, q, d = _validate(Wa, Wb, Wc, mask, (torch.float32, torch.float64), validate)
     out = _check_out(out, S, q, d, Wa.device, Wa.dtype)
@@ -363,12 +367,17 @@ def fused_loss_and_grads(
     ``"reference"``. ``out``: optional ``(loss, dWa, dWb, dWc)`` buffers to write into.
     ``validate=False`` skips the mask-value check (it synchronizes a GPU); the trainer checks
     once and then turns it off. Kernel backends need float32.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     return _fused_op(Wa, Wb, Wc, mask, backend=backend, out=out, validate=validate)
 
 
 def work_counts(S: int, q: int, d: int) -> dict[str, float]:
-    """FLOPs and compulsory DRAM bytes of one call of the Triton path (see the module docstring)."""
+    """FLOPs and compulsory DRAM bytes of one call of the Triton path (see the module docstring).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
     flops = 6.0 * S * d**3 * q + 8.0 * S * d * d * q
     weights = 3.0 * S * d * q
     bytes_ = 4.0 * (2 * weights + weights + S * d * d + 2.0 * S * d**3 + S * d + S)

@@ -21,6 +21,8 @@ the loss is evaluated on all d² pairs at once by broadcasting (``h[a, b, :] = W
 Wb[:, b]``) rather than on one-hot mini-batches through ``nn.Linear`` layers; weights are plain
 tensors in the layout above (``nn.Linear(d, q).weight`` has the same ``(q, d)`` layout, so the
 official ``layera.weight``, ``layerb.weight``, ``layerc.weight`` plug in directly).
+
+Explained in :doc:`/book/cogo/theory`.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def check_d(d: Any, odd: bool = False, name: str = "d") -> int:
     """Validate a modulus ``d``: an ``int`` (not bool, not float) >= 2; odd and >= 3 if ``odd``.
 
     Returns ``d`` as a Python int. Raises TypeError for a non-integer, ValueError for a bad value.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     if isinstance(d, bool) or not isinstance(d, numbers.Integral):
         raise TypeError(f"{name} must be an integer >= 2, got {d!r} of type {type(d).__name__}")
@@ -75,6 +79,8 @@ def check_weights(Wa: Any, Wb: Any, Wc: Any, d: int | None = None) -> tuple[int,
     Allowed: torch tensors or numpy arrays, 2-D, real floating; ``Wa`` and ``Wb`` of the same
     shape ``(q, d)`` (``q >= 0``), ``Wc`` of shape ``(d, q)``, ``d >= 2``; if ``d`` is given
     the weights must agree with it.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     ts = [_to_tensor(w, n) for w, n in zip((Wa, Wb, Wc), _NAMES)]
     for w, n in zip(ts, _NAMES):
@@ -103,7 +109,10 @@ def check_weights(Wa: Any, Wb: Any, Wc: Any, d: int | None = None) -> tuple[int,
 def as_weights(
     Wa: Any, Wb: Any, Wc: Any, d: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate and return the triple as torch tensors (numpy becomes float64; tensors pass)."""
+    """Validate and return the triple as torch tensors (numpy becomes float64; tensors pass).
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     check_weights(Wa, Wb, Wc, d)
     ts = [_to_tensor(w, n) for w, n in zip((Wa, Wb, Wc), _NAMES)]
     dtype = torch.promote_types(torch.promote_types(ts[0].dtype, ts[1].dtype), ts[2].dtype)
@@ -111,7 +120,10 @@ def as_weights(
 
 
 def forward(Wa: Any, Wb: Any, Wc: Any) -> torch.Tensor:
-    """Outputs ``o[a, b, :] = Wc (Wa e_a + Wb e_b)^2`` for all d² pairs, shape ``(d, d, d)``."""
+    """Outputs ``o[a, b, :] = Wc (Wa e_a + Wb e_b)^2`` for all d² pairs, shape ``(d, d, d)``.
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     Wa, Wb, Wc = as_weights(Wa, Wb, Wc)
     h = Wa.T[:, None, :] + Wb.T[None, :, :]  # (d, d, q): h[a, b] = Wa[:, a] + Wb[:, b]
     return (h * h) @ Wc.T  # (d, d, d)
@@ -126,6 +138,8 @@ def loss(Wa: Any, Wb: Any, Wc: Any) -> torch.Tensor:
     """Mean over the d² pairs of ``‖P⊥(o − e_{(a+b) mod d})‖²``; a 0-dim tensor.
 
     Differentiable when the inputs require grad. Numpy inputs are computed in float64.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     Wa, Wb, Wc = as_weights(Wa, Wb, Wc)
     d = Wa.shape[1]
@@ -141,6 +155,8 @@ def accuracy(Wa: Any, Wb: Any, Wc: Any, mask: Any = None) -> float:
 
     ``mask``: optional boolean ``(d, d)`` array/tensor selecting the pairs to count (e.g. the
     test split); ``None`` counts all d² pairs.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     Wa, Wb, Wc = as_weights(Wa, Wb, Wc)
     d = Wa.shape[1]

@@ -25,6 +25,8 @@ Operations, in Fourier coefficients ``z_{p,k,j}`` (see :mod:`mini.cogo.fourier`)
 
 Differences from the official code: the official repository has no semiring code (the paper's
 constructions are checked in notebooks); this module is ours.
+
+Explained in :doc:`/book/cogo/theory`.
 """
 from __future__ import annotations
 
@@ -57,7 +59,10 @@ def _same_d(x: Weights, y: Weights) -> int:
 
 
 def add(x: Weights, y: Weights) -> Weights:
-    """Concatenate hidden nodes: ``r(x + y) = r(x) + r(y)`` for r, r_a, r_b."""
+    """Concatenate hidden nodes: ``r(x + y) = r(x) + r(y)`` for r, r_a, r_b.
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     x, y = _w(x, "x"), _w(y, "y")
     _same_d(x, y)
     dt = torch.promote_types(x[0].dtype, y[0].dtype)
@@ -78,6 +83,8 @@ def mul(x: Weights, y: Weights) -> Weights:
 
     Returns real float64 weights with ``q_x * q_y`` nodes, node ``(j1, j2)`` at index
     ``j1 * q_y + j2``.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     x, y = _w(x, "x"), _w(y, "y")
     _same_d(x, y)
@@ -87,14 +94,20 @@ def mul(x: Weights, y: Weights) -> Weights:
 
 
 def zero(d: int) -> Weights:
-    """The additive identity: the empty network (q = 0), float64."""
+    """The additive identity: the empty network (q = 0), float64.
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     d = check_d(d)
     e = torch.zeros(0, d, dtype=torch.float64)
     return e, e.clone(), torch.zeros(d, 0, dtype=torch.float64)
 
 
 def one(d: int) -> Weights:
-    """The multiplicative identity: one node with every Fourier coefficient 1 (frequency 0 too)."""
+    """The multiplicative identity: one node with every Fourier coefficient 1 (frequency 0 too).
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     d = check_d(d)
     Wa = torch.zeros(1, d, dtype=torch.float64)
     Wa[0, 0] = d  # Σ_k ω^{kg} = d δ_{g0}
@@ -102,7 +115,10 @@ def one(d: int) -> Weights:
 
 
 def scale(x: Weights, lam: float) -> Weights:
-    """Multiply every potential by the real ``lam`` (weights times ``cbrt(lam)``)."""
+    """Multiply every potential by the real ``lam`` (weights times ``cbrt(lam)``).
+
+    Explained in :doc:`/book/cogo/theory`.
+    """
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise TypeError(f"lam must be a finite real number, got {lam!r}")
     Wa, Wb, Wc = _w(x, "x")
@@ -119,6 +135,8 @@ def symbolic_homomorphism_check(n1: int = 2, n2: int = 2) -> bool:
     their sum and product are formed exactly as :func:`add` (concatenate) and :func:`mul`
     (multiply per node pair) form them. Asserts ``expand(lhs − rhs) == 0`` for
     ``r(x+y) = r(x)+r(y)`` and ``r(x·y) = r(x) r(y)`` and the same for r_a, r_b; returns True.
+
+    Explained in :doc:`/book/cogo/theory`.
     """
     import sympy as sp
 

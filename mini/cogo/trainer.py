@@ -38,6 +38,8 @@ Defaults are those of the official sweep behind the paper (lr 0.01, weight decay
 Differences from the official code: it trains one seed at a time with ``nn.Linear`` layers and
 autograd, in float32; :func:`train_per_seed_autograd` is that loop, kept for the benchmark and
 for the test that both give the same trajectory.
+
+Explained in :doc:`/labs/cogo/gd_solutions`.
 """
 from __future__ import annotations
 
@@ -69,7 +71,10 @@ SPLIT_SEED_OFFSET = 1_000_003  # the split generator of seed s is seeded with th
 
 @dataclass
 class TrainConfig:
-    """Configuration of :func:`train` (defaults: the official sweep; d, q: the book's small run)."""
+    """Configuration of :func:`train` (defaults: the official sweep; d, q: the book's small run).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
 
     d: int = 11  #: modulus; the pairs are Z_d × Z_d
     q: int = 128  #: hidden width
@@ -133,7 +138,10 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Final weights (float64, CPU), masks, history and timing of :func:`train`."""
+    """Final weights (float64, CPU), masks, history and timing of :func:`train`.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
 
     Wa: torch.Tensor  #: (S, q, d)
     Wb: torch.Tensor  #: (S, q, d)
@@ -141,7 +149,7 @@ class TrainResult:
     mask: torch.Tensor  #: (S, d, d) bool, True on seed s's training pairs
     history: dict[str, np.ndarray]  #: "step" (T,), "train_loss", "train_acc", "test_acc" (T, S)
     elapsed_s: float  #: wall-clock seconds of the training loop
-    config: TrainConfig = field(repr=False)
+    config: TrainConfig = field(repr=False)  #: the configuration it was trained with
 
     def weights(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Seed s's ``(Wa (q, d), Wb (q, d), Wc (d, q))``."""
@@ -153,6 +161,8 @@ def init_weights(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch
 
     Drawn in float64 on the CPU (Wa, then Wb, then Wc), then cast: independent of S, dtype
     and device. Returns ``Wa, Wb`` (S, q, d) and ``Wc`` (S, d, q).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     d, q = config.d, config.q
     Wa, Wb, Wc = [], [], []
@@ -170,6 +180,8 @@ def make_masks(config: TrainConfig) -> torch.Tensor:
 
     Seed s permutes the d² pairs (index ``a · d + b``) with a generator seeded by
     ``SPLIT_SEED_OFFSET + seed + s``; the first ``n_test`` of the permutation are the test pairs.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     d = config.d
     n_test = int(config.test_fraction * d * d)
@@ -187,6 +199,8 @@ def evaluate(Wa: torch.Tensor, Wb: torch.Tensor, Wc: torch.Tensor, mask: torch.T
 
     ``Wa, Wb`` (S, q, d), ``Wc`` (S, d, q), ``mask`` (S, d, d) bool or 0/1. One seed at a time,
     so the (d, d, q) intermediate stays small.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     S, q, d = Wa.shape
     ar = torch.arange(d, device=Wa.device)
@@ -239,6 +253,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
 
     Full batch, ``torch.optim.Adam(lr, weight_decay)`` on the sum of the seeds' losses,
     gradients in closed form (:func:`mini.cogo.kernel.fused_loss_and_grads`).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     config = _resolve_config(config, overrides)
     device = torch.device(config.device)
@@ -290,6 +306,8 @@ def train_per_seed_autograd(config: TrainConfig | None = None, **overrides: Any)
     :func:`train`, so both give the same trajectory; the loss is written as the official "mse"
     ``Σ_g (o_g - ō)² - 2 (o_y - ō) + 1 - 1/d`` per example, averaged over the training pairs.
     Kept as the benchmark's baseline and as a test of :func:`train`.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     config = _resolve_config(config, overrides)
     d, q = config.d, config.q

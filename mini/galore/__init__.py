@@ -17,6 +17,8 @@ projection, and the update is projected back with a scale α::
   Trainer convention.
 - :func:`~mini.galore.layerwise.attach_layerwise_updates` (:mod:`mini.galore.layerwise`): per-layer
   weight updates from gradient hooks (single process).
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 

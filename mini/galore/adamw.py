@@ -63,6 +63,8 @@ Extension surface (8-bit GaLore builds on this class)
 state, grad)`` updates them and returns N_t (step counter already incremented);
 ``transfer_moments(state, projector, old_basis)`` rotates them at a switch; ``make_projector(p,
 group)`` builds a projector (class attribute ``projector_class``).
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 
@@ -112,6 +114,8 @@ def _same_basis(a: Basis, b: Basis) -> bool:
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW with GaLore's low-rank gradient projection for groups that carry ``"rank"``.
+
+    Explained in :doc:`/book/galore/theory`.
 
     Args:
         params: parameters or param groups; a group with ``"rank"`` (and optionally

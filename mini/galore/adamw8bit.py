@@ -11,14 +11,14 @@ As :class:`mini.galore.adamw.GaLoreAdamW` (projection R_t of the gradient for gr
 ``"rank"``, the raw gradient otherwise), with the moments kept between steps as 8-bit codes and
 one float32 absmax per block of ``block_size`` values (:mod:`mini.quant.blockwise`)::
 
-    M, V   = deq(M̃_{t−1}; Q_signed), deq(Ṽ_{t−1}; Q_unsigned)      # float32, low-rank shape
+    M, V   = deq(M̃_{t−1}; Q_signed), deq(Ṽ_{t−1}; Q_unsigned)  # float32, low-rank
     M      = β1 M + (1 − β1) R_t
     V      = β2 V + (1 − β2) R_t²
     N_t    = M / (√V / c2 + ε),    c1 = 1 − β1ᵗ,   c2 = √(1 − β2ᵗ)
-    W_t    = W_{t−1} − (lr / c1) · α · project_back(N_t)            # projected groups
-    W_t    = W_t − lr · λ · W_t                                       # decoupled weight decay
-    W_t    = W_{t−1}·(1 − lr·λ) − (lr / c1) · N_t                     # plain groups (bitsandbytes)
-    M̃_t, Ṽ_t = quant(M; Q_signed), quant(V; Q_unsigned)              # fresh absmax per block
+    W_t    = W_{t−1} − (lr / c1) · α · project_back(N_t)   # projected groups
+    W_t    = W_t − lr · λ · W_t                            # decoupled weight decay
+    W_t    = W_{t−1}·(1 − lr·λ) − (lr / c1) · N_t          # plain groups (bitsandbytes)
+    M̃_t, Ṽ_t = quant(M; Q_signed), quant(V; Q_unsigned)   # fresh absmax per block
 
 The update uses the float32 moments of this step; only what is *stored* is quantized, as in
 bitsandbytes. Q_signed / Q_unsigned are the dynamic maps of
@@ -57,6 +57,8 @@ Differences from galore-torch 1.0 (``galore_torch/adamw8bit.py``) and bitsandbyt
   with ``torch.load(weights_only=True)``; on load the codes stay uint8 and the absmax and
   small float32 moments stay float32 (torch's loader casts every state tensor to the
   parameter's dtype, which would turn codes into floats; bitsandbytes also overrides it).
+
+Explained in :doc:`/labs/galore/memory_tables`.
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with 8-bit block-wise quantized Adam moments (bitsandbytes' Adam arithmetic).
+
+    Explained in :doc:`/labs/galore/memory_tables`.
 
     Args:
         params: parameters or param groups; a group with ``"rank"`` (and ``"update_proj_gap"``,
@@ -288,6 +292,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
     Works for torch optimizers, :class:`~mini.galore.adamw.GaLoreAdamW` and
     :class:`GaLoreAdamW8bit`, so the memory lab compares them with one function.
+
+    Explained in :doc:`/labs/galore/memory_tables`.
     """
     total = 0
     for state in optimizer.state.values():

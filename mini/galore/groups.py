@@ -10,6 +10,8 @@ groups, ready for :class:`mini.galore.adamw.GaLoreAdamW` or galore-torch's.
 Difference from the Trainer: matching is by substring of the module's qualified name (or a
 predicate you pass), not by regular expression, and a target list that matches nothing raises
 instead of silently training without projection.
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 
@@ -28,16 +30,14 @@ __all__ = ["GaLoreConfig", "galore_param_groups"]
 class GaLoreConfig:
     """GaLore's per-matrix hyperparameters, validated; defaults from the paper's LLaMA-60M recipe.
 
-    rank: r = 128 (paper, 60M; 256 for 130M/350M, 512 (paper) or 1024 (scripts) for 1B).
-    update_proj_gap: T = 200 (paper and galore-torch scripts; 500 for 7B).
-    scale: α = 0.25 (paper and scripts).
-    proj_type: "std" (galore-torch default).
+    Explained in :doc:`/book/galore/theory`.
     """
 
+    #: r = 128 (paper, 60M; 256 for 130M/350M, 512 (paper) or 1024 (scripts) for 1B)
     rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
+    update_proj_gap: int = 200  #: T = 200 (paper and galore-torch scripts; 500 for 7B)
+    scale: float = 0.25  #: α = 0.25 (paper and scripts)
+    proj_type: str = "std"  #: one of :data:`~mini.galore.projector.PROJ_TYPES` ("std" is galore-torch's default)
 
     def __post_init__(self) -> None:
         check_rank(self.rank)
@@ -79,6 +79,8 @@ def galore_param_groups(
     target_modules: Sequence[str] | Callable[[str, nn.Module], bool] = ("attn", "mlp"),
 ) -> list[dict[str, Any]]:
     """Two param groups: the targeted Linear weights (projected) and everything else (plain AdamW).
+
+    Explained in :doc:`/book/galore/theory`.
 
     Args:
         model: the model; its trainable parameters are split, each exactly once (tied ones too).

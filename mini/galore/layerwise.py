@@ -22,6 +22,8 @@ global-norm clipping do not apply; and it is single-process. Under DistributedDa
 parameter's hook fires as soon as its local gradient is accumulated, before DDP's bucketed
 all-reduce has finished, so each rank would step on its own gradient and the replicas would drift
 apart: :func:`attach_layerwise_updates` raises TypeError on a DDP-wrapped model.
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 
@@ -39,7 +41,10 @@ OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
 class LayerwiseHandle:
-    """The per-parameter optimizers, their hooks and schedulers (returned by :func:`attach_layerwise_updates`)."""
+    """The per-parameter optimizers, their hooks and schedulers (returned by :func:`attach_layerwise_updates`).
+
+    Explained in :doc:`/book/galore/theory`.
+    """
 
     def __init__(self, params: list[Tensor], optimizers: list[torch.optim.Optimizer], track_memory: bool) -> None:
         self.params = params
@@ -155,6 +160,8 @@ def attach_layerwise_updates(
     **optimizer_kwargs: Any,
 ) -> LayerwiseHandle:
     """Give every parameter its own optimizer, stepped from its post-accumulate-grad hook.
+
+    Explained in :doc:`/book/galore/theory`.
 
     Args:
         model_or_params: a model, its parameters, or param groups in galore-torch's convention

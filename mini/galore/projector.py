@@ -53,6 +53,8 @@ change the gap); ``update_basis(grad)`` runs the guarded SVD through ``compute_b
 stores the result with ``set_basis``; ``project(grad, step)`` = refresh if needed, then
 ``apply(grad)``; ``project_back(low_rank)``. Subclasses that add state extend ``state_dict`` /
 ``load_state_dict`` (call ``super()``; keep values tensors or plain scalars/strings).
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 
@@ -70,7 +72,10 @@ PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
 
 
 def check_rank(rank: Any) -> int:
-    """Return ``rank`` if it is a positive int (bool and float rejected), else raise."""
+    """Return ``rank`` if it is a positive int (bool and float rejected), else raise.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be a positive integer, got {rank!r} of type {type(rank).__name__}")
     if rank <= 0:
@@ -79,7 +84,10 @@ def check_rank(rank: Any) -> int:
 
 
 def check_update_proj_gap(update_proj_gap: Any) -> int:
-    """Return ``update_proj_gap`` if it is a positive int, else raise."""
+    """Return ``update_proj_gap`` if it is a positive int, else raise.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int):
         raise TypeError(
             f"update_proj_gap must be a positive integer (steps between SVDs), got {update_proj_gap!r}"
@@ -90,7 +98,10 @@ def check_update_proj_gap(update_proj_gap: Any) -> int:
 
 
 def check_proj_type(proj_type: Any) -> str:
-    """Return ``proj_type`` if it is one of :data:`PROJ_TYPES`, else raise listing them."""
+    """Return ``proj_type`` if it is one of :data:`PROJ_TYPES`, else raise listing them.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     if proj_type not in PROJ_TYPES:
         raise ValueError(f"proj_type must be one of {', '.join(map(repr, PROJ_TYPES))}; got {proj_type!r}")
     return proj_type
@@ -105,6 +116,8 @@ def check_scale(scale: Any) -> float:
 
 class GaLoreProjector:
     """Project a 2-D gradient onto its leading singular subspace, refreshed every ``update_proj_gap`` steps.
+
+    Explained in :doc:`/book/galore/theory`.
 
     Args:
         rank: r, the subspace dimension (positive int). Paper: 128 (60M) … 1024 (7B).

@@ -9,6 +9,8 @@
 
 Importing this package works without triton (``HAS_TRITON`` is then False and every op runs its
 reference).
+
+See the book's :doc:`introduction </book/intro>`.
 """
 from __future__ import annotations
 

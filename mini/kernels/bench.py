@@ -9,6 +9,8 @@
 - :func:`write_result` writes ``bench/results/<name>.json`` with all of that. On a CPU the record
   carries ``"gpu": null`` and ``"smoke": true``: a CPU run checks the script, its times are not
   the book's GPU figures.
+
+See the book's :doc:`introduction </book/intro>`.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ def time_op(
     defaults 25/100 used when the values here are small), or CUDA events without triton. On CPU:
     ``warmup`` calls, then at least ``rep`` timed calls and at least ``min_time_s`` seconds (at
     most ``max_time_s``), median of the per-call wall-clock times.
+
+    See the book's :doc:`introduction </book/intro>`.
     """
     dev = torch.device(device) if device is not None else _device_of(args, kwargs)
     call = lambda: fn(*args, **kwargs)  # noqa: E731
@@ -93,7 +97,10 @@ def time_op(
 
 
 def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """The device, the versions and the thread count, for a result's header."""
+    """The device, the versions and the thread count, for a result's header.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -130,6 +137,8 @@ def measured_ceiling(device: torch.device | str = "cuda", copy_mib: int = 1024, 
     Bandwidth: a ``copy_mib`` MiB device-to-device copy, counting the bytes read and written.
     Matmul: ``matmul_n``-square float32 with TF32 off (``"ieee"``, as the book's kernels use),
     and with TF32 on for reference.
+
+    See the book's :doc:`introduction </book/intro>`.
     """
     dev = torch.device(device)
     if dev.type != "cuda":
@@ -155,7 +164,10 @@ def measured_ceiling(device: torch.device | str = "cuda", copy_mib: int = 1024, 
 
 
 def results_dir() -> Path:
-    """``bench/results`` of the checkout (``$MINI_BENCH_RESULTS`` overrides)."""
+    """``bench/results`` of the checkout (``$MINI_BENCH_RESULTS`` overrides).
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     env = os.environ.get("MINI_BENCH_RESULTS")
     if env:
         return Path(env)
@@ -168,6 +180,8 @@ def write_result(name: str, record: dict[str, Any], device: torch.device | str |
 
     On a GPU the record should carry times, sizes and GB/s / TFLOP/s next to
     :func:`measured_ceiling`; on a CPU ``"gpu": null`` and ``"smoke": true`` are set.
+
+    See the book's :doc:`introduction </book/intro>`.
     """
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"name must be a plain file stem, got {name!r}")

@@ -28,8 +28,8 @@ Defining an op::
     def add_reference(x, y, out=None): ...
 
     @kernel_op(reference=add_reference)
-    def add(jit, x, y, out=None):           # `jit` turns a @triton.jit function into a launchable
-        ...                                 # check inputs, allocate `out`
+    def add(jit, x, y, out=None):   # jit(f) makes a @triton.jit f launchable
+        ...                         # check inputs, allocate `out`
         jit(_add_kernel)[grid](x, y, out, n, BLOCK=128)
         return out
 
@@ -55,6 +55,8 @@ with ``TRITON_INTERPRET=1`` already, kernels are ``InterpretedFunction`` from th
 used as they are. Rules for kernels this entails: call library helpers as ``tl.sum(x, axis=0)``,
 not as tensor methods (``x.sum(0)`` is bound at import and is not swapped), and do not call your
 own ``@triton.jit`` helpers from a kernel (inline them: only ``triton.language``'s are swapped).
+
+See the book's :doc:`introduction </book/intro>`.
 """
 from __future__ import annotations
 
@@ -117,6 +119,8 @@ def use_backend(backend: str) -> Iterator[None]:
     """Run every op called inside the ``with`` block on ``backend`` unless a call names its own.
 
     ``with use_backend("interpret"): op(x)`` is how the tests run kernels on CPU tensors.
+
+    See the book's :doc:`introduction </book/intro>`.
     """
     _check_name(backend, "use_backend")
     token = _context_backend.set(backend)
@@ -128,7 +132,10 @@ def use_backend(backend: str) -> Iterator[None]:
 
 def current_backend() -> str:
     """The backend an ``"auto"`` call defers to: the context manager's, else ``$MINI_BACKEND``,
-    else ``"auto"``."""
+    else ``"auto"``.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     ctx = _context_backend.get()
     if ctx is not None and ctx != "auto":
         return ctx
@@ -143,6 +150,8 @@ def resolve_backend(backend: str | None, device: torch.device | str | None) -> s
 
     Raises ``ValueError`` for an unknown name or for ``triton`` with CPU tensors, and
     ``RuntimeError`` for ``triton``/``interpret`` where triton is not installed.
+
+    See the book's :doc:`introduction </book/intro>`.
     """
     backend = "auto" if backend is None else _check_name(backend, "backend argument")
     if backend == "auto":
@@ -182,7 +191,10 @@ _compiled_cache: dict[int, Any] = {}
 
 
 def interpreted(kernel: Any) -> Any:
-    """An interpreted twin of a ``@triton.jit`` function (cached), launchable as ``f[grid](...)``."""
+    """An interpreted twin of a ``@triton.jit`` function (cached), launchable as ``f[grid](...)``.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     if not HAS_TRITON:
         raise RuntimeError("the Triton interpreter needs triton, which is not installed")
     JITFunction, InterpretedFunction = _jit_classes()
@@ -307,6 +319,8 @@ class KernelOp:
     kernel to what should be launched on the chosen backend (compiled or interpreted), so one
     launcher serves both. ``op(*args, backend="auto", **kwargs)`` resolves the backend from the
     first tensor argument's device (see :func:`resolve_backend`) and runs it.
+
+    See the book's :doc:`introduction </book/intro>`.
     """
 
     def __init__(self, launch: Callable[..., Any], reference: Callable[..., Any], name: str | None = None):
@@ -329,7 +343,10 @@ class KernelOp:
 
 
 def kernel_op(reference: Callable[..., Any], name: str | None = None) -> Callable[[Callable[..., Any]], KernelOp]:
-    """Decorator: turn a launcher ``launch(jit, *args, **kwargs)`` into a :class:`KernelOp`."""
+    """Decorator: turn a launcher ``launch(jit, *args, **kwargs)`` into a :class:`KernelOp`.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
 
     def wrap(launch: Callable[..., Any]) -> KernelOp:
         return KernelOp(launch, reference, name=name)
@@ -341,7 +358,10 @@ def kernel_op(reference: Callable[..., Any], name: str | None = None) -> Callabl
 # Checks at a wrapper's boundary: each message names the argument
 # ---------------------------------------------------------------------------------------------
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
-    """All tensors on one device; returns it. ``check_same_device(Wa=Wa, mask=mask)``."""
+    """All tensors on one device; returns it. ``check_same_device(Wa=Wa, mask=mask)``.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     devices = {name: t.device for name, t in tensors.items()}
     unique = set(devices.values())
     if len(unique) > 1:
@@ -351,6 +371,10 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``t``'s dtype is one of ``allowed``.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     allowed = tuple(allowed)
     if t.dtype not in allowed:
         raise TypeError(
@@ -359,6 +383,10 @@ def check_dtype(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> N
 
 
 def check_contiguous(name: str, t: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``t`` is contiguous (kernels index it flat).
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     if not t.is_contiguous():
         raise ValueError(
             f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
@@ -367,7 +395,10 @@ def check_contiguous(name: str, t: torch.Tensor) -> None:
 
 
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int | None]) -> None:
-    """``shape`` may hold ``None`` for a free dimension."""
+    """``shape`` may hold ``None`` for a free dimension.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     ok = t.dim() == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape))
     if not ok:
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
@@ -383,7 +414,10 @@ def check_tensor(
     ndim: int | None = None,
     contiguous: bool = True,
 ) -> None:
-    """Type, dtype, rank, shape and contiguity of one argument, with messages naming it."""
+    """Type, dtype, rank, shape and contiguity of one argument, with messages naming it.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None:

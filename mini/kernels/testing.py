@@ -9,6 +9,8 @@ are and are not multiples of the kernel's block (1, BLOCK-1, BLOCK, a few thousa
 
 Kernel wrappers therefore take ``out=`` (a tensor, or a tuple of tensors for several outputs),
 write into it and return it; see :mod:`mini.kernels.dispatch` for the op convention.
+
+See the book's :doc:`introduction </book/intro>`.
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ def _as_tuple(x: Any) -> tuple[Any, ...]:
 
 
 def poisoned_like(t: torch.Tensor, poison: float = float("nan")) -> torch.Tensor:
-    """A fresh buffer like ``t`` filled with ``poison`` (NaN) or, for integer dtypes, a sentinel."""
+    """A fresh buffer like ``t`` filled with ``poison`` (NaN) or, for integer dtypes, a sentinel.
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
     if t.dtype.is_floating_point or t.dtype.is_complex:
         return torch.full_like(t, poison)
     if t.dtype == torch.bool:
@@ -78,6 +83,8 @@ def check_against_reference(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run ``op_or_fn`` on ``backend`` against ``reference`` for each size; raise on a mismatch.
+
+    See the book's :doc:`introduction </book/intro>`.
 
     Args:
         op_or_fn: a :class:`~mini.kernels.dispatch.KernelOp` or a function taking ``backend=``

@@ -17,6 +17,8 @@ First used by Part II, GaLore chapter (``book/galore/``); later LLM chapters reu
   GaLore, 8-bit GaLore, Q-GaLore) behind the chapter's tables.
 
 This package imports no method: methods import it.
+
+Explained in :doc:`/book/part2`.
 """
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ The memory estimator (:mod:`mini.lm.memory`) reads them without instantiating a 
 
 The projected matrices of GaLore are the seven attention and MLP projections of each layer
 (:data:`PROJECTED_MODULES`); embeddings, head and norms stay with plain Adam.
+
+Explained in :doc:`/book/part2`.
 """
 from __future__ import annotations
 
@@ -89,6 +91,8 @@ def tiny_llama_config(vocab_size: int = 64, **overrides: Any) -> LlamaConfig:
 
     Pass ``vocab_size=tokenizer.vocab_size``; the head is untied from the embedding, as in the
     paper configs.
+
+    Explained in :doc:`/book/part2`.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
@@ -97,7 +101,10 @@ def tiny_llama_config(vocab_size: int = 64, **overrides: Any) -> LlamaConfig:
 
 
 def paper_config(name: str) -> LlamaConfig:
-    """The ``LlamaConfig`` of one of the GaLore paper's sizes (a key of :data:`PAPER_CONFIGS`)."""
+    """The ``LlamaConfig`` of one of the GaLore paper's sizes (a key of :data:`PAPER_CONFIGS`).
+
+    Explained in :doc:`/book/part2`.
+    """
     if name not in PAPER_CONFIGS:
         raise ValueError(
             f"name must be one of {sorted(PAPER_CONFIGS)}, got {name!r}"
@@ -106,7 +113,10 @@ def paper_config(name: str) -> LlamaConfig:
 
 
 def resolve_config(config: str | LlamaConfig) -> LlamaConfig:
-    """A ``LlamaConfig`` from itself or from a name of :data:`PAPER_CONFIGS`."""
+    """A ``LlamaConfig`` from itself or from a name of :data:`PAPER_CONFIGS`.
+
+    Explained in :doc:`/book/part2`.
+    """
     if isinstance(config, str):
         return paper_config(config)
     if isinstance(config, LlamaConfig):
@@ -121,6 +131,8 @@ def build_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
     """A freshly initialised ``LlamaForCausalLM``, the same for the same ``seed`` on any machine.
 
     The global torch generator is left as it was (the initialisation runs in a forked RNG).
+
+    Explained in :doc:`/book/part2`.
     """
     if not isinstance(config, LlamaConfig):
         raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
@@ -142,6 +154,8 @@ def parameter_shapes(config: str | LlamaConfig) -> dict[str, tuple[int, ...]]:
 
     Names are those of ``model.named_parameters()``; a tied head is listed once (as the
     embedding), as ``named_parameters`` does.
+
+    Explained in :doc:`/book/part2`.
     """
     cfg = resolve_config(config)
     h, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -174,14 +188,20 @@ def parameter_shapes(config: str | LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def count_parameters(config_or_model: str | LlamaConfig | torch.nn.Module) -> int:
-    """Number of parameters: analytic from a config (or paper name), counted from a model."""
+    """Number of parameters: analytic from a config (or paper name), counted from a model.
+
+    Explained in :doc:`/book/part2`.
+    """
     if isinstance(config_or_model, torch.nn.Module):
         return sum(p.numel() for p in config_or_model.parameters())
     return sum(math.prod(s) for s in parameter_shapes(config_or_model).values())
 
 
 def is_projected_name(name: str) -> bool:
-    """Whether a parameter name is the weight of an attention or MLP projection."""
+    """Whether a parameter name is the weight of an attention or MLP projection.
+
+    Explained in :doc:`/book/part2`.
+    """
     parts = name.split(".")
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in PROJECTED_MODULES
 
@@ -191,6 +211,8 @@ def linear_parameter_names(model_or_config: torch.nn.Module | str | LlamaConfig)
 
     Works on a model (its ``named_parameters``) or on a config (its :func:`parameter_shapes`),
     in model order; use them to build the projected parameter group.
+
+    Explained in :doc:`/book/part2`.
     """
     if isinstance(model_or_config, torch.nn.Module):
         names = [n for n, _ in model_or_config.named_parameters()]

@@ -32,6 +32,8 @@ most of the tiny model's parameters in the projected matrices, as in the paper's
 comes from a generator seeded with ``(seed, k)``, so the stream's whole state is its position,
 which a checkpoint stores: a resumed run sees the same batches as an uninterrupted one.
 Validation uses fixed consecutive windows (:func:`eval_batches`).
+
+Explained in :doc:`/book/part2`.
 """
 from __future__ import annotations
 
@@ -123,6 +125,8 @@ def generate_corpus(n_documents: int = 2000, seed: int = 0) -> list[str]:
 
     Each sentence is an agreement sentence (60%), an arithmetic fact (25%) or a bracket
     string (15%); see the module docstring.
+
+    Explained in :doc:`/book/part2`.
     """
     if isinstance(n_documents, bool) or not isinstance(n_documents, numbers.Integral) or n_documents < 1:
         raise ValueError(f"n_documents must be a positive integer, got {n_documents!r}")
@@ -152,9 +156,11 @@ class CharTokenizer:
 
     ``encode(decode(ids)) == ids`` for ids of the alphabet, and ``decode(encode(s)) == s`` for
     every string over it.
+
+    Explained in :doc:`/book/part2`.
     """
 
-    UNK = "\ufffd"
+    UNK = "\ufffd"  #: the unknown character (id 0), reserved, so no alphabet may contain it
 
     def __init__(self, alphabet: Iterable[str]):
         chars = list(alphabet)
@@ -216,7 +222,10 @@ class CharTokenizer:
 
 
 def load_text_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
-    """The text of a user's file; ``FileNotFoundError``/``ValueError`` for a missing or empty file."""
+    """The text of a user's file; ``FileNotFoundError``/``ValueError`` for a missing or empty file.
+
+    Explained in :doc:`/book/part2`.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path {path!r} is not an existing file")
@@ -238,6 +247,8 @@ def load_hf_dataset(
     Offline, give a local builder and files: ``load_hf_dataset("text", data_files="corpus.txt")``
     (one document per line). Missing local ``data_files`` raise ``FileNotFoundError``; a missing
     column raises ``ValueError`` listing the columns there are.
+
+    Explained in :doc:`/book/part2`.
     """
     import datasets  # imported here: heavy, and only this path needs it
 
@@ -265,7 +276,10 @@ def load_hf_dataset(
 def split_documents(
     documents: Sequence[str], val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[str], list[str]]:
-    """A seeded random split of documents into (train, validation); both sides non-empty."""
+    """A seeded random split of documents into (train, validation); both sides non-empty.
+
+    Explained in :doc:`/book/part2`.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
     n = len(documents)
@@ -297,7 +311,10 @@ def _check_windows(ids: torch.Tensor, batch_size: int, seq_len: int) -> None:
 def sample_batch(
     ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` random windows: inputs ``x`` and next-token targets ``y``, both (B, T)."""
+    """``batch_size`` random windows: inputs ``x`` and next-token targets ``y``, both (B, T).
+
+    Explained in :doc:`/book/part2`.
+    """
     _check_windows(ids, batch_size, seq_len)
     starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=generator)  # (B,)
     windows = ids[starts[:, None] + torch.arange(seq_len + 1)]  # (B, T + 1)
@@ -309,6 +326,8 @@ class BatchStream:
 
     Batch number ``k`` is :func:`sample_batch` with a generator seeded by ``(seed, k)``, so
     jumping to a position gives the same batches as drawing up to it.
+
+    Explained in :doc:`/book/part2`.
     """
 
     def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0):
@@ -331,10 +350,12 @@ class BatchStream:
         return out
 
     def state_dict(self) -> dict[str, int]:
+        """Seed, position and batch shape: enough to resume the stream exactly."""
         return {"seed": self.seed, "position": self.position, "batch_size": self.batch_size,
                 "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the saved position; the seed and batch shape must match this stream's."""
         for key in ("seed", "batch_size", "seq_len"):
             if int(state[key]) != getattr(self, key):
                 raise ValueError(
@@ -349,6 +370,8 @@ def eval_batches(
     """Up to ``n_batches`` fixed batches of consecutive non-overlapping windows from the start.
 
     Fewer come back when the ids are short; at least one (a short last batch allowed).
+
+    Explained in :doc:`/book/part2`.
     """
     _check_windows(ids, batch_size, seq_len)
     if isinstance(n_batches, bool) or not isinstance(n_batches, numbers.Integral) or n_batches < 1:
@@ -364,11 +387,14 @@ def eval_batches(
 
 @dataclass
 class LMData:
-    """A tokenizer with token ids of a training and a validation text (1-D ``torch.long``)."""
+    """A tokenizer with token ids of a training and a validation text (1-D ``torch.long``).
 
-    tokenizer: CharTokenizer
-    train_ids: torch.Tensor
-    val_ids: torch.Tensor
+    Explained in :doc:`/book/part2`.
+    """
+
+    tokenizer: CharTokenizer  #: the character tokenizer of both texts
+    train_ids: torch.Tensor  #: (N_train,) token ids of the training text
+    val_ids: torch.Tensor  #: (N_val,) token ids of the validation text
 
     @classmethod
     def from_documents(
@@ -403,5 +429,8 @@ class LMData:
 
 
 def synthetic_lm_data(n_documents: int = 2000, seed: int = 0, val_fraction: float = 0.1) -> LMData:
-    """The book's default data: :func:`generate_corpus` split and tokenized (seeded)."""
+    """The book's default data: :func:`generate_corpus` split and tokenized (seeded).
+
+    Explained in :doc:`/book/part2`.
+    """
     return LMData.from_documents(generate_corpus(n_documents, seed), val_fraction, seed)

@@ -15,6 +15,8 @@ through :func:`replace_linears`.
 - :func:`apply_lora`: LoRA adapters (Hu et al., arXiv 2106.09685) through the official ``peft``
   library on the same projections; in the pretraining comparison the embeddings, norms and
   head stay trainable, as in the GaLore paper's LoRA baseline.
+
+Explained in :doc:`/labs/galore/pretraining`.
 """
 from __future__ import annotations
 
@@ -48,7 +50,10 @@ DEFAULT_PATTERNS: tuple[str, ...] = tuple(rf"\.{m}$" for m in PROJECTED_MODULES)
 
 
 def check_rank_for(rank: Any, in_features: int, out_features: int, *, name: str = "rank") -> int:
-    """``rank`` as an int in ``[1, min(in_features, out_features)]``, or a ValueError naming it."""
+    """``rank`` as an int in ``[1, min(in_features, out_features)]``, or a ValueError naming it.
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise ValueError(f"{name} must be a positive integer, got {rank!r}")
     limit = min(int(in_features), int(out_features))
@@ -61,7 +66,10 @@ def check_rank_for(rank: Any, in_features: int, out_features: int, *, name: str 
 
 
 def check_features(in_features: Any, out_features: Any) -> tuple[int, int]:
-    """``(in_features, out_features)`` as ints, or a ValueError naming the one that is not positive."""
+    """``(in_features, out_features)`` as ints, or a ValueError naming the one that is not positive.
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
     for n, v in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{n} must be a positive integer, got {v!r}")
@@ -73,6 +81,8 @@ def best_rank_approximation(weight: Tensor, rank: int) -> Tensor:
 
     Eckart-Young: ``U_r diag(s_r) V_rᵀ`` minimises ``‖W − X‖_F`` over rank-``r`` matrices ``X``;
     ``weight − [W]_r`` is what ``r`` singular directions miss.
+
+    Explained in :doc:`/labs/sltrain/support`.
     """
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
@@ -89,6 +99,8 @@ class LowRankLinear(nn.Module):
     (U(±1/√in) and U(±1/√rank)), so the product is random but not zero: the baseline trains both.
     Its entries then have variance ``1/(9·in)``, a third of a default ``nn.Linear``'s.
     ``device`` and ``dtype`` place the parameters, as for ``nn.Linear``.
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
 
     def __init__(
@@ -110,6 +122,7 @@ class LowRankLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Uniform init: ``A`` in ±1/√in, ``B`` in ±1/√r, the bias in ±1/√in."""
         nn.init.uniform_(self.A, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
         nn.init.uniform_(self.B, -1 / math.sqrt(self.rank), 1 / math.sqrt(self.rank))
         if self.bias is not None:
@@ -133,7 +146,10 @@ class LowRankLinear(nn.Module):
 
 @dataclass
 class ConversionReport:
-    """What :func:`replace_linears` did: the replaced names and the parameter counts."""
+    """What :func:`replace_linears` did: the replaced names and the parameter counts.
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
 
     replaced: list[str] = field(default_factory=list)  #: qualified names, in model order
     params_before: int = 0  #: all parameters of the model before
@@ -175,6 +191,8 @@ def replace_linears(
     ``factory(name, linear)`` builds the new module (it may copy from ``linear``). Patterns are
     regular expressions searched in the qualified module name. A pattern list that matches no
     ``nn.Linear`` of the model is an error listing some of the model's linear names.
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -208,14 +226,20 @@ def to_low_rank(
     model: nn.Module, rank: int, patterns: str | Sequence[str] = DEFAULT_PATTERNS, seed: int = 0
 ) -> ConversionReport:
     """Replace the matching linears by :class:`LowRankLinear` of ``rank`` (capped per layer at
-    ``min(in, out)``), initialised from ``seed``; the GaLore paper's low-rank baseline."""
+    ``min(in, out)``), initialised from ``seed``; the GaLore paper's low-rank baseline.
+
+    The factors are drawn on the CPU and then moved to the model's device, so a seed gives the
+    same factors on every device (as :func:`~mini.lm.config.build_model` does).
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
 
     def factory(name: str, lin: nn.Linear) -> nn.Module:
         r = min(int(rank), lin.in_features, lin.out_features)
         return LowRankLinear(lin.in_features, lin.out_features, r, bias=lin.bias is not None,
-                             device=lin.weight.device, dtype=lin.weight.dtype)
+                             dtype=lin.weight.dtype)  # on the CPU; replace_linears moves it
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -236,6 +260,8 @@ def apply_lora(
     norms and head stay trainable (the GaLore paper's LoRA pretraining baseline); without it
     only the adapters train (fine-tuning). The base projection weights are frozen either way.
     A name in ``target_modules`` that is no ``nn.Linear`` of the model is an error.
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

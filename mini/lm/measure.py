@@ -37,6 +37,8 @@ its packed bytes), except the ``step`` counters. Objects that are not ``torch.op
 What a run does is given by a *setup* function ``setup(model, **kwargs) -> TrainSetup`` that
 builds the optimizer (and may convert the model, e.g. to LoRA); it must be a module-level
 function so it can be sent to the child (see :mod:`mini.pretraining` for the GaLore chapter's).
+
+Explained in :doc:`/labs/galore/pretraining`.
 """
 from __future__ import annotations
 
@@ -61,8 +63,8 @@ from torch import nn
 
 from mini.lm.config import build_model, tiny_llama_config
 from mini.lm.data import eval_batches, synthetic_lm_data
-from mini.lm.trainer import History, TrainerConfig, evaluate_lm, train_lm
-from mini.runtime import cpu_budget
+from mini.lm.trainer import History, TrainerConfig, evaluate_lm, place_model, train_lm
+from mini.runtime import cpu_budget, resolve_device
 
 __all__ = [
     "DEFAULT_PRELOAD",
@@ -94,7 +96,10 @@ DEFAULT_MMAP_THRESHOLD = 1 << 16
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, in bytes (``ru_maxrss``; kB on Linux,
-    bytes on macOS)."""
+    bytes on macOS). Host memory only: tensors on a GPU are not in it.
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
@@ -123,6 +128,8 @@ def state_bytes(optimizer: Any) -> int:
     ``torch.optim.Optimizer``: everything in ``optimizer.state`` (objects such as GaLore's
     projectors through their ``state_dict()``); any other object with ``state_dict()`` (e.g.
     per-layer hook optimizers): the tensors of its state dict.
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         return _tensor_bytes(list(optimizer.state.values()))
@@ -138,6 +145,7 @@ def training_step_bytes(
     batch: tuple[torch.Tensor, torch.Tensor],
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, int]:
     """The bytes one training step of ``model`` on ``batch`` holds, counted tensor by tensor.
 
@@ -148,16 +156,25 @@ def training_step_bytes(
     the tensors autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``), each
     storage once, parameters excluded. ``"total"`` is their sum. Allocator slack, temporaries and
     workspaces are not counted. The step runs on a deep copy: ``model`` is not changed.
-    ``loss_fn(model, x, y)`` defaults to :func:`~mini.lm.trainer.lm_loss`.
+    ``loss_fn(model, x, y)`` defaults to :func:`~mini.lm.trainer.lm_loss`. ``device``: where the
+    copy and the batch go (None: where the model is); the counts do not depend on it, but
+    ``"meta"`` is refused (its tensors have no storage to tell apart).
+
+    Explained in :doc:`/labs/welore/finetuning`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise ValueError("batch must be a pair (inputs, targets) of tensors")
+    dev = resolve_device(device)
     from mini.lm.trainer import lm_loss
 
     loss_fn = lm_loss if loss_fn is None else loss_fn
     model = copy.deepcopy(model)  # this step must not train the caller's model
+    dev = place_model(model, dev)
+    if dev.type == "meta":
+        raise ValueError(f"device must not be 'meta' here (got {device!r}, model on {dev}): meta tensors "
+                         "have no storage addresses to tell apart; use 'cpu', 'cuda' or None")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter that requires grad: there is no training step to count")
@@ -171,7 +188,7 @@ def training_step_bytes(
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    x, y = batch
+    x, y = batch[0].to(dev), batch[1].to(dev)  # (B, T) each
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(model, x, y)
     loss.backward()
@@ -191,16 +208,16 @@ def training_step_bytes(
 class TrainSetup:
     """What a setup function returns: the (possibly converted) model and what updates it.
 
-    ``optimizer`` goes to :func:`~mini.lm.trainer.train_lm` (None: per-layer hooks only);
-    ``state_holders`` are the objects whose state is counted by :func:`state_bytes` (default:
-    the optimizer); ``scheduler`` is stepped once per step; ``info`` is called after training
-    for extra numbers to report (e.g. the number of SVDs).
+    Explained in :doc:`/labs/galore/pretraining`.
     """
 
-    model: nn.Module
+    model: nn.Module  #: the model to train, converted by the setup where the method needs it
+    #: goes to :func:`~mini.lm.trainer.train_lm` (None when per-layer hooks do every update)
     optimizer: torch.optim.Optimizer | None
+    #: the objects whose state :func:`state_bytes` counts (by default the optimizer)
     state_holders: list[Any] = field(default_factory=list)
-    scheduler: Any | None = None
+    scheduler: Any | None = None  #: stepped once per step
+    #: called after training for extra numbers to report (e.g. the number of SVDs)
     info: Callable[[], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
@@ -216,26 +233,32 @@ class TrainSetup:
 class RunSpec:
     """One measured run: the data, the model, the trainer settings and the setup to call.
 
-    ``setup(model, **setup_kwargs)`` returns a :class:`TrainSetup`; ``setup=None`` is the
-    baseline (build everything, evaluate once, train nothing). ``model`` holds
-    :func:`~mini.lm.config.tiny_llama_config` overrides; the corpus is
-    :func:`~mini.lm.data.synthetic_lm_data` of ``n_documents`` documents.
+    With ``setup=None`` the run is the baseline: build everything, evaluate once, train nothing.
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
 
-    name: str
+    name: str  #: the run's label in tables and results files
+    #: ``setup(model, **setup_kwargs)`` returns the :class:`TrainSetup`; None is the baseline
     setup: Callable[..., TrainSetup] | None
-    setup_kwargs: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
-    model_seed: int = 0
-    n_documents: int = 2000
-    data_seed: int = 0
+    setup_kwargs: dict[str, Any] = field(default_factory=dict)  #: keyword arguments of ``setup``
+    model: dict[str, Any] = field(default_factory=dict)  #: :func:`~mini.lm.config.tiny_llama_config` overrides
+    model_seed: int = 0  #: seed of the model's initialization
+    n_documents: int = 2000  #: documents of the :func:`~mini.lm.data.synthetic_lm_data` corpus
+    data_seed: int = 0  #: seed of the corpus
+    #: the trainer's settings (no progress bar in the child by default)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(progress=False))
-    preload: tuple[str, ...] = DEFAULT_PRELOAD
+    preload: tuple[str, ...] = DEFAULT_PRELOAD  #: modules the child imports first
     threads: int | None = None  #: torch threads in the child, or None for torch's default
     #: glibc's mmap threshold fixed in the child by :func:`measure_in_fresh_process` (bytes; None:
     #: glibc's adaptive default; :func:`measure_training` in the caller's process leaves the
     #: allocator alone). See :func:`fix_malloc_thresholds`: it makes the peak RSS follow the live tensors.
     mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD
+    #: where the child trains and evaluates, checked by :func:`mini.runtime.resolve_device` (None
+    #: means the CPU; a ``torch.device`` is stored as its string). The peak RSS is host memory, so
+    #: a run on another device must set ``mmap_threshold=None``, the mark of a run whose memory is
+    #: not read.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -252,13 +275,24 @@ class RunSpec:
                                                 or self.mmap_threshold < 1):
             raise ValueError(f"mmap_threshold must be None or a positive number of bytes, got {self.mmap_threshold!r}")
         self.preload = tuple(self.preload)
+        dev = resolve_device(self.device)
+        self.device = None if dev is None else str(dev)  # a plain string crosses to the child
+        if dev is not None and dev.type != "cpu" and self.mmap_threshold is not None:
+            raise ValueError(
+                f"device={self.device!r} keeps the run's tensors outside host memory, so the peak RSS "
+                "this run measures would not count them: measure memory on device='cpu' (or None), or "
+                "pass mmap_threshold=None for a run whose memory is not read (perplexity, state bytes)"
+            )
 
 
 @dataclass
 class RunResult:
-    """What a measured run reports (plain data: it crosses the process boundary by pickle)."""
+    """What a measured run reports (plain data: it crosses the process boundary by pickle).
 
-    name: str
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
+
+    name: str  #: the :class:`RunSpec`'s name
     history: History  #: the trainer's history (empty for the baseline)
     n_params: int  #: parameters of the (converted) model, frozen ones included
     n_trainable: int  #: parameters that require grad (Int8 hook-trained weights not included)
@@ -269,8 +303,9 @@ class RunResult:
     train_s: float  #: wall seconds of ``train_lm``
     train_cpu_s: float  #: CPU seconds of ``train_lm`` (all threads; on a busy machine < wall)
     pid: int  #: the child's process id (each run has its own)
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  #: what the setup's ``info`` returned
     warnings: list[str] = field(default_factory=list)  #: warnings the child raised (deduplicated)
+    device: str = "cpu"  #: where the run trained (its peak RSS counts host memory only)
 
     @property
     def final_val_ppl(self) -> float:
@@ -278,6 +313,7 @@ class RunResult:
         return self.history.val_ppl[-1] if self.history.val_ppl else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers, for a JSON results file."""
         d = dataclasses.asdict(self)
         d["history"] = self.history.to_dict()
         return d
@@ -285,7 +321,10 @@ class RunResult:
 
 def measure_training(spec: RunSpec) -> RunResult:
     """Run ``spec`` in this process and report it (call it in a fresh process: see
-    :func:`measure_in_fresh_process`). Warnings are collected into the result, not printed."""
+    :func:`measure_in_fresh_process`). Warnings are collected into the result, not printed.
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
     with warnings.catch_warnings(record=True) as caught:
@@ -308,6 +347,8 @@ def fix_malloc_thresholds(nbytes: int) -> bool:
     threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the adaptation off) and a trim
     threshold of the same size make resident memory follow the live tensors. Returns False
     where the C library has no ``mallopt`` (not glibc), doing nothing.
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
     import ctypes
 
@@ -336,13 +377,14 @@ def _measure(spec: RunSpec) -> RunResult:
         torch.set_num_threads(int(spec.threads))
     data = synthetic_lm_data(spec.n_documents, seed=spec.data_seed)
     config = tiny_llama_config(vocab_size=data.tokenizer.vocab_size, **spec.model)
-    model = build_model(config, seed=spec.model_seed)
+    model = build_model(config, seed=spec.model_seed)  # on the CPU: the same weights on every device
+    device = str(place_model(model, spec.device))
     tc = spec.trainer
     if spec.setup is None:  # the baseline: the same objects, one evaluation, no training
         evaluate_lm(model, eval_batches(data.val_ids, tc.batch_size, tc.seq_len, tc.eval_batches))
         n = sum(p.numel() for p in model.parameters())
         return RunResult(spec.name, History(), n, n, 0, peak_rss_bytes(), start_rss,
-                         time.perf_counter() - t0, 0.0, 0.0, os.getpid())
+                         time.perf_counter() - t0, 0.0, 0.0, os.getpid(), device=device)
     # Seeded before the setup too: a setup that draws from the global generators (an adapter's
     # init, say) must not depend on the state this process inherited.
     random.seed(spec.model_seed)
@@ -368,6 +410,7 @@ def _measure(spec: RunSpec) -> RunResult:
         train_cpu_s=train_cpu_s,
         pid=os.getpid(),
         info=info,
+        device=device,
     )
 
 
@@ -396,6 +439,8 @@ def start_fork_server(preload: Sequence[str] = DEFAULT_PRELOAD) -> bool:
 
     Returns False (and does nothing) where the platform has no ``"forkserver"`` method. Later
     :func:`run_in_fresh_process` calls use the running server (whose preload list is then fixed).
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
     if "forkserver" not in mp.get_all_start_methods():
         return False
@@ -417,6 +462,8 @@ def run_in_fresh_process(
 
     ``fn`` must be picklable (a module-level function). ``start_method``: ``"forkserver"``
     (default where available), ``"spawn"`` or ``"fork"``; ``timeout`` in seconds (None: wait).
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -429,7 +476,10 @@ def run_in_fresh_process(
 def measure_in_fresh_process(
     spec: RunSpec, start_method: str | None = None, timeout: float | None = None
 ) -> RunResult:
-    """:func:`measure_training` of ``spec`` in a new child process (see the module docstring)."""
+    """:func:`measure_training` of ``spec`` in a new child process (see the module docstring).
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
     if not isinstance(spec, RunSpec):
         raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
     return measure_in_fresh_processes([spec], start_method=start_method, timeout=timeout)[0]
@@ -450,6 +500,8 @@ def measure_in_fresh_processes(
     ``processes`` runs. Fewer processes run at a time where :func:`mini.runtime.cpu_budget` (the
     cores this notebook may use: one each when the test harness runs two notebooks side by
     side) allows fewer; each run is alone in its process, so its results do not change.
+
+    Explained in :doc:`/labs/galore/pretraining`.
     """
     specs = list(specs)
     if not specs or not all(isinstance(s, RunSpec) for s in specs):

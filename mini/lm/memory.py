@@ -56,6 +56,8 @@ r = 128, 130M and 350M r = 256, 1B r = 512, δ = 0.03): 43.5M, 96.5M, 194.3M, 64
 42.8M, 94.0M, 185.2M, 609.3M for low-rank only. The papers' model-level figures (e.g. Table
 1's 0.36G / 0.24G for 60M) are *not* reproduced exactly: they mix weights and states with unstated units and
 embedding accounting; the book sets them side by side and explains the gap.
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 
@@ -104,48 +106,55 @@ GB = 1e9  #: decimal gigabyte, the unit of every GB figure here
 
 @dataclass(frozen=True)
 class TensorMemory:
-    """Bytes one parameter tensor costs under a method."""
+    """Bytes one parameter tensor costs under a method.
 
-    name: str
-    shape: tuple[int, ...]
+    Explained in :doc:`/book/galore/theory`.
+    """
+
+    name: str  #: the parameter's qualified name
+    shape: tuple[int, ...]  #: the parameter's shape
     projected: bool  #: an attention/MLP projection (low-rank treated by GaLore / LoRA)
     trainable: int  #: trainable elements this tensor contributes (adapters for LoRA)
-    weights: float
-    grads: float
-    states: float
-    projector: float
+    weights: float  #: bytes of the weight (and adapters, codes or support it carries)
+    grads: float  #: bytes of its gradient
+    states: float  #: bytes of its optimizer states
+    projector: float  #: bytes of its GaLore projection matrix
     state_elements: int  #: optimizer-state elements (both moments)
     index: float = 0.0  #: bytes of a sparse support's positions (SLTrain), included in ``weights``
 
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Memory of one method on one model, in bytes (``*_gb`` properties: decimal GB)."""
+    """Memory of one method on one model, in bytes (``*_gb`` properties: decimal GB).
+
+    Explained in :doc:`/book/galore/theory`.
+    """
 
     config: str  #: paper name, or "custom"
-    method: str
-    rank: int | None
+    method: str  #: one of :data:`METHODS`
+    rank: int | None  #: the rank r of a low-rank method (None for the others)
     n_params: int  #: parameters of the model
     n_projected: int  #: parameters in the attention and MLP projections
     n_trainable: int  #: trainable elements (differs from n_params for LoRA / low_rank)
     n_state: int  #: optimizer-state elements
-    weight_bytes: float
-    grad_bytes: float
-    state_bytes: float
-    projector_bytes: float
-    options: dict[str, Any] = field(default_factory=dict)
+    weight_bytes: float  #: weights (with adapters, quantization scales or sparse support)
+    grad_bytes: float  #: gradients (the largest one alone with per-layer updates)
+    state_bytes: float  #: optimizer states
+    projector_bytes: float  #: GaLore projection matrices
+    options: dict[str, Any] = field(default_factory=dict)  #: the byte sizes and switches used
     index_bytes: float = 0.0  #: SLTrain support positions; part of ``weight_bytes``
 
     @property
     def total_bytes(self) -> float:
+        """Weights, gradients, optimizer states and projectors together."""
         return self.weight_bytes + self.grad_bytes + self.state_bytes + self.projector_bytes
 
-    weights_gb = property(lambda self: self.weight_bytes / GB)
-    grads_gb = property(lambda self: self.grad_bytes / GB)
-    states_gb = property(lambda self: self.state_bytes / GB)
-    projectors_gb = property(lambda self: self.projector_bytes / GB)
-    total_gb = property(lambda self: self.total_bytes / GB)
-    index_gb = property(lambda self: self.index_bytes / GB)
+    weights_gb = property(lambda self: self.weight_bytes / GB, doc="``weight_bytes`` in decimal GB.")
+    grads_gb = property(lambda self: self.grad_bytes / GB, doc="``grad_bytes`` in decimal GB.")
+    states_gb = property(lambda self: self.state_bytes / GB, doc="``state_bytes`` in decimal GB.")
+    projectors_gb = property(lambda self: self.projector_bytes / GB, doc="``projector_bytes`` in decimal GB.")
+    total_gb = property(lambda self: self.total_bytes / GB, doc="``total_bytes`` in decimal GB.")
+    index_gb = property(lambda self: self.index_bytes / GB, doc="``index_bytes`` in decimal GB.")
 
     def as_row(self) -> dict[str, Any]:
         """A flat dict for a table: counts in millions, memory in decimal GB."""
@@ -201,7 +210,10 @@ def tensor_breakdown(
     density: float | None = None,
     index_bytes: float = 8,
 ) -> list[TensorMemory]:
-    """Per-tensor bytes of :func:`estimate_memory` (same arguments, without per-layer updates)."""
+    """Per-tensor bytes of :func:`estimate_memory` (same arguments, without per-layer updates).
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     cfg = resolve_config(config)
@@ -311,6 +323,8 @@ def estimate_memory(
     paper name); byte sizes per element of weights (2: BF16), gradients (as weights) and Adam
     moments (2); ``proj_bits``: projector precision (16, or 4 for ``qgalore``); the remaining
     options are described in the module docstring (``density`` and ``index_bytes``: SLTrain).
+
+    Explained in :doc:`/book/galore/theory`.
     """
     tensors = tensor_breakdown(
         config, method, rank=rank, weight_bytes=weight_bytes, grad_bytes=grad_bytes,
@@ -357,6 +371,8 @@ def memory_table(
 
     ``ranks`` maps config names to ranks (default :data:`DEFAULT_RANKS`); ``kwargs`` go to
     :func:`estimate_memory` (e.g. ``per_layer_updates=True``).
+
+    Explained in :doc:`/labs/galore/memory_tables`.
     """
     ranks = DEFAULT_RANKS if ranks is None else ranks
     for m in methods:
@@ -373,7 +389,10 @@ def memory_table(
 
 
 def format_memory_table(rows: list[dict[str, Any]], digits: int = 3) -> str:
-    """A Markdown table of :func:`memory_table` rows (GB to ``digits`` decimals)."""
+    """A Markdown table of :func:`memory_table` rows (GB to ``digits`` decimals).
+
+    Explained in :doc:`/labs/galore/memory_tables`.
+    """
     cols = ["config", "method", "rank", "params_M", "trainable_M", "weights_GB", "grads_GB",
             "states_GB", "projectors_GB", "total_GB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -19,6 +19,8 @@ at the step its basis is computed (Zhao et al., GaLore, arXiv 2403.03507, Eq. (7
 (Lemma 3.3) show that the gradients of reversible networks trained by SGD drift to low stable
 rank; the GaLore lab measures both quantities on the tiny Llama. Singular values are computed
 in float32 (float64 when given float64), as GaLore's projector does.
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 
@@ -55,7 +57,10 @@ def _check_matrix(name: str, m: Any) -> Tensor:
 
 
 def singular_values(matrix: Tensor) -> Tensor:
-    """Singular values of a 2-D tensor, descending, in float32 (float64 stays float64)."""
+    """Singular values of a 2-D tensor, descending, in float32 (float64 stays float64).
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     m = _check_matrix("matrix", matrix).detach()
     m = m.double() if m.dtype == torch.float64 else m.float()
     return torch.linalg.svdvals(m)  # (min(m, n),)
@@ -69,7 +74,10 @@ def _stable_rank_of(s: Tensor) -> float:
 
 
 def stable_rank(matrix: Tensor) -> float:
-    """``‖M‖_F² / ‖M‖_2²`` of a 2-D tensor; NaN for the zero matrix (no direction at all)."""
+    """``‖M‖_F² / ‖M‖_2²`` of a 2-D tensor; NaN for the zero matrix (no direction at all).
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     return _stable_rank_of(singular_values(matrix))
 
 
@@ -78,6 +86,8 @@ def cumulative_energy(x: Tensor) -> Tensor:
 
     ``x``: a 2-D matrix, or the 1-D tensor of its singular values (any order; they are sorted).
     All NaN for the zero matrix.
+
+    Explained in :doc:`/labs/galore/gradient_rank`.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -100,7 +110,10 @@ def cumulative_energy(x: Tensor) -> Tensor:
 
 def layer_and_module(name: str) -> tuple[int, str] | None:
     """``(layer index, module)`` of a projection weight's name, e.g.
-    ``"model.layers.2.mlp.up_proj.weight" -> (2, "up_proj")``; None for other names."""
+    ``"model.layers.2.mlp.up_proj.weight" -> (2, "up_proj")``; None for other names.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     m = _LAYER_MODULE.search(name)
     return (int(m.group(1)), m.group(2)) if m else None
 
@@ -117,6 +130,8 @@ class GradientSpectrumRecorder:
     recorded step, aligned with ``steps``; NaN where that parameter had no gradient) and, with
     ``keep_spectra=True``, ``spectra[name]`` (one float32 tensor of singular values per recorded
     step; an empty tensor where there was no gradient).
+
+    Explained in :doc:`/book/galore/theory`.
     """
 
     def __init__(

@@ -26,6 +26,8 @@ holds the model, optimizer and scheduler state dicts, the python, numpy and torc
 scheduler objects gives bitwise the same parameters and optimizer states as the uninterrupted
 run (tested with AdamW and a cosine LambdaLR). Not bitwise: step times, and runs on a different
 thread count or BLAS.
+
+Explained in :doc:`/book/part2`.
 """
 from __future__ import annotations
 
@@ -44,12 +46,15 @@ import torch
 import torch.nn.functional as F
 
 from mini.lm.data import BatchStream, LMData, eval_batches
+from mini.runtime import resolve_device
 
 __all__ = [
     "TrainerConfig",
     "History",
     "train_lm",
     "evaluate_lm",
+    "model_device",
+    "place_model",
     "lm_loss",
     "save_checkpoint",
     "load_checkpoint",
@@ -61,7 +66,10 @@ __all__ = [
 
 @dataclass
 class TrainerConfig:
-    """Settings of :func:`train_lm` (defaults: the book's fast CPU run, not a paper recipe)."""
+    """Settings of :func:`train_lm` (defaults: the book's fast CPU run, not a paper recipe).
+
+    Explained in :doc:`/book/part2`.
+    """
 
     steps: int = 200  #: total optimizer steps (a resumed run continues up to this)
     batch_size: int = 8  #: sequences per step
@@ -92,7 +100,10 @@ class TrainerConfig:
 
 @dataclass
 class History:
-    """Per-step and per-evaluation records of a run (plain lists, ready to plot)."""
+    """Per-step and per-evaluation records of a run (plain lists, ready to plot).
+
+    Explained in :doc:`/book/part2`.
+    """
 
     step: list[int] = field(default_factory=list)  #: 1-based step numbers
     train_loss: list[float] = field(default_factory=list)  #: mean cross-entropy (nats/token)
@@ -103,26 +114,69 @@ class History:
     val_ppl: list[float] = field(default_factory=list)  #: exp(val_loss)
 
     def to_dict(self) -> dict[str, list]:
+        """The lists by field name (what a checkpoint or a results file stores)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, list]) -> "History":
+        """The history :meth:`to_dict` wrote."""
         return cls(**{f.name: list(d[f.name]) for f in dataclasses.fields(cls)})
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``model`` on inputs ``x`` and targets ``y`` (B, T)."""
+    """Mean next-token cross-entropy of ``model`` on inputs ``x`` and targets ``y`` (B, T).
+
+    Explained in :doc:`/book/part2`.
+    """
     logits = model(input_ids=x).logits  # (B, T, V)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); the CPU for a module without tensors.
+
+    Explained in :doc:`/book/part2`.
+    """
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def place_model(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """Move ``model`` to ``device`` (checked by :func:`mini.runtime.resolve_device`) and return
+    where it now is; ``device=None`` leaves it where it is. ``Module.to`` keeps the parameter
+    objects where it can swap their data (CPU and CUDA) and makes new ones where it cannot (to
+    ``"meta"``): build optimizers after the move.
+
+    Explained in :doc:`/book/part2`.
+    """
+    dev = resolve_device(device)
+    if dev is not None:
+        model.to(dev)
+    return model_device(model)
+
+
 @torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Token-weighted mean cross-entropy over ``batches`` (model put back in its mode after)."""
+def evaluate_lm(
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device | None = None,
+) -> float:
+    """Token-weighted mean cross-entropy over ``batches`` (model put back in its mode after).
+
+    ``device``: move the model there first (None: leave it where it is); the batches go to the
+    model's device, and only the per-batch loss comes back (``.item()``).
+
+    Explained in :doc:`/book/part2`.
+    """
+    dev = place_model(model, device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
+        x, y = x.to(dev), y.to(dev)  # (B, T) each; no copy where they already are
         total += lm_loss(model, x, y).item() * y.numel()
         count += y.numel()
     model.train(was_training)
@@ -130,7 +184,10 @@ def evaluate_lm(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.
 
 
 def get_rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as lists/tensors (loadable with ``weights_only=True``)."""
+    """Python, numpy and torch RNG states as lists/tensors (loadable with ``weights_only=True``).
+
+    Explained in :doc:`/book/part2`.
+    """
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
@@ -142,7 +199,10 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`get_rng_state` returned."""
+    """Restore what :func:`get_rng_state` returned.
+
+    Explained in :doc:`/book/part2`.
+    """
     py_version, py_state, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
@@ -161,7 +221,10 @@ def save_checkpoint(
     history: History,
     extra_state: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write everything a bitwise-exact resume needs to ``path`` with ``torch.save``."""
+    """Write everything a bitwise-exact resume needs to ``path`` with ``torch.save``.
+
+    Explained in :doc:`/book/part2`.
+    """
     ckpt = {
         "step": int(step),
         "model": model.state_dict(),
@@ -179,7 +242,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint dict at ``path`` (``torch.load(weights_only=True)``, on CPU)."""
+    """The checkpoint dict at ``path`` (``torch.load(weights_only=True)``, on CPU).
+
+    Explained in :doc:`/book/part2`.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume_from {path!r} is not an existing checkpoint file")
@@ -187,7 +253,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
-    """The ``step_XXXXXX.pt`` file with the highest step in a directory, or None."""
+    """The ``step_XXXXXX.pt`` file with the highest step in a directory, or None.
+
+    Explained in :doc:`/book/part2`.
+    """
     d = os.fspath(checkpoint_dir)
     if not os.path.isdir(d):
         return None
@@ -212,6 +281,7 @@ def train_lm(
     resume_from: str | os.PathLike | None = None,
     extra_state: Mapping[str, Any] | None = None,
     on_gradients: Callable[[int, torch.nn.Module], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> History:
     """Train ``model`` on ``data`` for ``config.steps`` steps; return the :class:`History`.
 
@@ -223,7 +293,18 @@ def train_lm(
     called after ``backward`` and before the optimizer step, while every ``.grad`` is alive (not
     with per-layer hook updates, whose hooks consume the gradients during ``backward``); e.g. a
     :class:`~mini.lm.spectra.GradientSpectrumRecorder` measuring the gradients' stable rank.
+    ``device``: ``"cpu"``, ``"cuda"`` or ``"meta"`` (:func:`mini.runtime.resolve_device`); the
+    model is moved there in place and every batch follows it; None trains where the model already
+    is. Build the optimizer once the model is on its device: a move that makes new parameter
+    objects (as ``Module.to("meta")`` does) would leave it holding the old ones, and is refused
+    with a ValueError. The batches are drawn on the CPU either way, so a seed gives the same
+    batches on every device; what comes back per step is the loss (``.item()``, which also
+    waits for the device, so ``step_time`` is the step's true time). Exact resume is CPU-only
+    (the CUDA generators are not saved).
+
+    Explained in :doc:`/book/part2`.
     """
+    dev = resolve_device(device)
     config = config or TrainerConfig()
     if not isinstance(config, TrainerConfig):
         raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
@@ -248,8 +329,18 @@ def train_lm(
         )
     from tqdm.auto import tqdm
 
+    before = {id(p) for p in model.parameters()}
+    dev = place_model(model, dev)
+    replaced = before - {id(p) for p in model.parameters()}  # Module.to made new parameter objects
+    if optimizer is not None and any(id(p) in replaced for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(
+            f"device={device!r}: moving the model there replaced its parameter objects, and the optimizer "
+            "still holds the old ones; build the optimizer after moving the model (model.to(device) first, "
+            "or mini.pretraining.setup_method(..., device=device))"
+        )
     stream = BatchStream(data.train_ids, config.batch_size, config.seq_len, seed=config.seed)
-    val = eval_batches(data.val_ids, config.batch_size, config.seq_len, config.eval_batches)
+    val = [(x.to(dev), y.to(dev)) for x, y in  # (B, T) each, moved once
+           eval_batches(data.val_ids, config.batch_size, config.seq_len, config.eval_batches)]
     history = History()
     start = 0
     if resume_from is not None:
@@ -294,7 +385,8 @@ def train_lm(
         step = i + 1
         t0 = time.perf_counter()
         lr = _current_lr(optimizer, scheduler)
-        x, y = next(stream)  # (B, T), (B, T)
+        x, y = next(stream)  # (B, T), (B, T), drawn on the CPU
+        x, y = x.to(dev), y.to(dev)  # no copy where they already are
         loss = lm_loss(model, x, y)
         loss.backward()
         if on_gradients is not None:

@@ -18,6 +18,8 @@ Gradients", arXiv 2407.08296 (2024); official code VITA-Group/Q-GaLore. Part II,
   Adam-in-subspace updates of INT8 weights from their gradient hooks, written back by stochastic
   rounding).
 - The quantizer itself lives in :mod:`mini.quant.groupwise` (re-exported here).
+
+Explained in :doc:`/book/qgalore/theory`.
 """
 from __future__ import annotations
 

@@ -4,11 +4,12 @@ Q-GaLore (Zhang et al., arXiv 2407.08296, 2024) keeps the weights in INT8 with o
 one zero point per group of 256 values, computes the dense weight gradient in the layer's
 backward, hands it to a per-layer optimizer hook, and writes the update back as ::
 
-    W  = (q - z) s                          dequantize (per group)
-    W' = W + Δ                              Δ: the optimizer's update (GaLore back-projection, ...)
+    W  = (q - z) s                     dequantize (per group)
+    W' = W + Δ                         Δ: the optimizer's update (GaLore's back-projection)
     lo = min(min W', 0), hi = max(max W', 0)
-    s' = (hi - lo) / 255,  z' = floor(-lo/s' + 1/2)                  fresh scale and zero point
-    q' = clamp(SR(W'/s' + z'), 0, 255)      SR(y) = floor(y) + [u < y - floor(y)], u ~ U[0, 1)
+    s' = (hi - lo) / 255,  z' = floor(-lo/s' + 1/2)      fresh scale and zero point
+    q' = clamp(SR(W'/s' + z'), 0, 255)
+    SR(y) = floor(y) + [u < y - floor(y)],  u ~ U[0, 1)   stochastic rounding
 
 Stochastic rounding is what makes this work: ``E[q'] = W'/s' + z'`` (see
 :mod:`mini.quant.groupwise` for the proof), so updates smaller than half a quantization step
@@ -40,6 +41,8 @@ Differences from the official code: the codes are stored as uint8 with an intege
 (asymmetric INT8, the official code's layout), but the range of every group includes 0 (the
 official zero point is clamped, which clips one-sign groups), the rounding is half-up, and the
 dequantize-add-requantize runs in one kernel instead of several PyTorch ops.
+
+Explained in :doc:`/book/qgalore/theory`.
 """
 from __future__ import annotations
 
@@ -142,6 +145,8 @@ def sr_update_reference(
 
     ``codes`` uint8 (any shape, groups over the flattened weight), ``scale`` float32 and
     ``zero`` uint8 ``(n_groups,)``, ``delta`` and ``rand`` float32 of the weight's shape.
+
+    Explained in :doc:`/book/qgalore/theory`.
     """
     n, n_groups = _check_update_args(codes, scale, zero, delta, rand, group_size)
     out = _outputs(out, codes, scale, zero)
@@ -202,12 +207,17 @@ def sr_update(
     Same arguments as :func:`sr_update_reference`; ``out=(codes, scale, zero)`` may be the input
     buffers (in place). ``backend``: ``"auto"`` (Triton on CUDA, the reference on CPU),
     ``"triton"``, ``"interpret"`` or ``"reference"``.
+
+    Explained in :doc:`/labs/qgalore/rounding`.
     """
     return _sr_update_op(codes, scale, zero, delta, rand, group_size, backend=backend, out=out)
 
 
 def update_bytes(numel: int, group_size: int) -> int:
-    """Compulsory DRAM bytes of one fused update of ``numel`` weights."""
+    """Compulsory DRAM bytes of one fused update of ``numel`` weights.
+
+    Explained in :doc:`/book/qgalore/theory`.
+    """
     n_groups = -(-numel // group_size)
     return numel * (1 + 4 + 4 + 1) + n_groups * 2 * (4 + 1)
 
@@ -249,6 +259,8 @@ class Int8Linear(nn.Module):
     groups of ``group_size`` over the flattened weight (256: the paper's). ``bias`` is an
     ordinary float Parameter. The dense weight gradient goes to the hooks of
     :meth:`register_weight_grad_hook`, else into ``weight_grad``.
+
+    Explained in :doc:`/labs/qgalore/rounding`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 256,

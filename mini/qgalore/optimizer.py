@@ -15,16 +15,18 @@ defaults.
 :class:`~mini.qgalore.int8_linear.Int8Linear` gets a weight-gradient hook that, as soon as the
 layer's dense gradient G exists (during backward; it is never stored), runs ::
 
-    R = project(G)                                   (adaptive INT4 projector)
+    R = project(G)                             (adaptive INT4 projector)
     M = β1 M + (1 − β1) R,  V = β2 V + (1 − β2) R²,  N = M / (√V + ε)
     η = lr √(1 − β2ᵗ) / (1 − β1ᵗ)
-    W' = (W − η · project_back(N)) (1 − lr λ)        (GaLoreAdamW's order: update, then decay)
-    W ← SR-requantize(W + (W' − W))                  (the fused kernel of Int8Linear.apply_update_)
+    W' = (W − η · project_back(N)) (1 − lr λ)  (GaLoreAdamW's order: update, decay)
+    W ← SR-requantize(W + (W' − W))            (Int8Linear.apply_update_'s kernel)
 
 Differences from the official code: the official per-layer path uses bitsandbytes' 8-bit Adam
 (CUDA only) for M and V; here they are float32 (the 8-bit moments are
 :mod:`mini.galore`'s concern). It is single-process: the hooks update weights during backward,
 which does not combine with DistributedDataParallel's gradient all-reduce.
+
+Explained in :doc:`/book/qgalore/theory`.
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ class QGaLoreAdamW(GaLoreAdamW):
 
     Same arguments and param-group convention as :class:`~mini.galore.adamw.GaLoreAdamW`; a
     projected group may also set the keys of :data:`QGALORE_GROUP_DEFAULTS`.
+
+    Explained in :doc:`/book/qgalore/theory`.
     """
 
     projector_class = AdaptiveProjector
@@ -83,6 +87,8 @@ class Int8LayerwiseQGaLore:
     """Per-layer Q-GaLore updates of every ``Int8Linear`` in ``model`` from its gradient hook.
 
     The layers are :class:`~mini.qgalore.int8_linear.Int8Linear`.
+
+    Explained in :doc:`/labs/galore/pretraining`.
 
     Args:
         model: a module (its ``Int8Linear`` submodules are trained) or an iterable of ``Int8Linear``.
@@ -175,6 +181,7 @@ class Int8LayerwiseQGaLore:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, for an optimizer over the same layers."""
         if len(state["states"]) != len(self.states):
             raise ValueError(f"state has {len(state['states'])} layers, this optimizer {len(self.states)}")
         for i, saved in enumerate(state["states"]):

@@ -42,6 +42,8 @@ and clips one-sign groups) and dequantized at every use (``ortho`` is a property
 Gaussian's left basis at r = 128 comes back with a relative error of about 0.11 (the digest's
 figure; tested). The cosine test compares the new float basis with the dequantized previous
 one, as the official code does.
+
+Explained in :doc:`/book/qgalore/theory`.
 """
 from __future__ import annotations
 
@@ -77,6 +79,8 @@ class AdaptiveProjector(GaLoreProjector):
 
     Arguments beyond :class:`~mini.galore.projector.GaLoreProjector`'s ``rank``,
     ``update_proj_gap``, ``scale``, ``proj_type``, ``name``:
+
+    Explained in :doc:`/book/qgalore/theory`.
 
     Args:
         cos_threshold: mean ``|cosine|`` of the queue at or above which the gap grows (official: 0.4).

@@ -5,6 +5,8 @@
   reference; the storage of :class:`mini.galore.adamw8bit.GaLoreAdamW8bit`'s Adam moments.
 - :mod:`mini.quant.groupwise`: group-wise asymmetric INT4 / INT8 quantization, INT4 packing and
   stochastic rounding (Q-GaLore, Zhang et al., arXiv 2407.08296).
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 

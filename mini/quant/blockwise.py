@@ -69,6 +69,8 @@ Differences from bitsandbytes
   the next power of two with a mask, up to ``MAX_KERNEL_BLOCK`` = 16384 values per block).
 - No nested (double) quantization of ``absmax``; the absmax stays float32 (4 bytes per
   ``B`` values: 1.6% of the 8-bit state at ``B = 256``).
+
+Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 
@@ -137,6 +139,8 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
     ``signed=True``: values in [-0.993, 1] for Adam's first moment; ``signed=False``: values in
     [0, 1] with one more fraction bit, for the second moment. Equal to
     ``bitsandbytes.functional.create_dynamic_map(signed=signed)``.
+
+    Explained in :doc:`/book/galore/theory`.
     """
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {type(signed).__name__} {signed!r}")
@@ -144,19 +148,28 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
 
 
 def linear_map(signed: bool = True) -> torch.Tensor:
-    """A linear 8-bit map (256 evenly spaced values on [-1, 1] or [0, 1]), for comparison only."""
+    """A linear 8-bit map (256 evenly spaced values on [-1, 1] or [0, 1]), for comparison only.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {type(signed).__name__} {signed!r}")
     return torch.linspace(-1.0 if signed else 0.0, 1.0, 256, dtype=torch.float32)  # (256,)
 
 
 def code_midpoints(code: torch.Tensor) -> torch.Tensor:
-    """The 255 decision thresholds ``(Q_j + Q_{j+1}) / 2`` of a sorted 256-entry map (float32)."""
+    """The 255 decision thresholds ``(Q_j + Q_{j+1}) / 2`` of a sorted 256-entry map (float32).
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     return (code[:-1] + code[1:]) / 2  # (255,)
 
 
 def n_blocks(numel: int, block_size: int) -> int:
-    """Number of blocks of ``block_size`` values (the last one may be partial)."""
+    """Number of blocks of ``block_size`` values (the last one may be partial).
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     return -(-numel // block_size)
 
 
@@ -280,7 +293,10 @@ def quantize_blockwise_reference(
     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise quantization in PyTorch: ``(q uint8 shaped like x, absmax float32 (n_blocks,))``."""
+    """Block-wise quantization in PyTorch: ``(q uint8 shaped like x, absmax float32 (n_blocks,))``.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     bufs = _check_quant_inputs(x, code, block_size, out, contiguous=False, validate=validate)
     n = x.numel()
     nb = n_blocks(n, block_size)
@@ -311,7 +327,10 @@ def dequantize_blockwise_reference(
     out: Optional[torch.Tensor] = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """``Q[q] · absmax[block]`` in float32, cast to ``dtype`` (default float32), shaped ``shape``."""
+    """``Q[q] · absmax[block]`` in float32, cast to ``dtype`` (default float32), shaped ``shape``.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     shape, dtype = _check_dequant_inputs(q, absmax, code, block_size, shape, dtype, out, contiguous=False, validate=validate)
     n = q.numel()
     block_of = torch.arange(n, device=q.device) // block_size  # (n,)
@@ -382,6 +401,8 @@ def quantize_blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` block-wise to 8-bit indices into ``code`` (see the module docstring).
 
+    Explained in :doc:`/book/galore/theory`.
+
     Args:
         x: float32, float16 or bfloat16 tensor of any shape (contiguous for the kernel).
         code: sorted (256,) float32 map, e.g. ``dynamic_map(signed=True)``, on x's device.
@@ -413,6 +434,8 @@ def dequantize_blockwise(
 
     ``shape`` defaults to q's shape, ``dtype`` to float32 (or ``out``'s dtype); the product is
     formed in float32 and then cast. ``validate``: as in :func:`quantize_blockwise`.
+
+    Explained in :doc:`/book/galore/theory`.
     """
     return _dequantize_op(q, absmax, code, block_size=block_size, shape=shape, dtype=dtype, out=out,
                           backend=backend, validate=validate)

@@ -51,6 +51,8 @@ Differences from the official code (VITA-Group/Q-GaLore, ``utils/quantization.py
   nothing.
 - Rounding of half-integers is half-up (``floor(y + 1/2)``) rather than torch's half-to-even, so
   the Triton update kernel of :mod:`mini.qgalore.int8_linear` and its reference round alike.
+
+Explained in :doc:`/book/qgalore/theory`.
 """
 from __future__ import annotations
 
@@ -88,20 +90,21 @@ def _check_group_size(group_size: object) -> int:
 class GroupQuantized:
     """A tensor quantized group-wise: codes, one scale and one zero point per group.
 
-    ``data``: uint8 codes, ``(ceil(numel/2),)`` packed for 4 bits, ``(numel,)`` for 8 bits.
-    ``scale``: float32 ``(n_groups,)``; ``zero``: uint8 ``(n_groups,)``; ``shape``: the
-    original shape; ``x̂ = (q - zero) * scale`` group by group.
+    It dequantizes as ``x̂ = (q - zero) * scale``, group by group.
+
+    Explained in :doc:`/book/qgalore/theory`.
     """
 
-    data: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    shape: tuple[int, ...]
-    bits: int
-    group_size: int
+    data: torch.Tensor  #: uint8 codes, ``(ceil(numel/2),)`` packed for 4 bits, ``(numel,)`` for 8
+    scale: torch.Tensor  #: float32 ``(n_groups,)``
+    zero: torch.Tensor  #: uint8 ``(n_groups,)``
+    shape: tuple[int, ...]  #: the original shape
+    bits: int  #: 4 or 8
+    group_size: int  #: elements per group of the flattened tensor
 
     @property
     def numel(self) -> int:
+        """Elements of the original tensor."""
         n = 1
         for s in self.shape:
             n *= int(s)
@@ -117,15 +120,20 @@ class GroupQuantized:
         return unpack_int4(self.data, self.numel) if self.bits == 4 else self.data
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor back in ``dtype`` and its original shape (:func:`dequantize_groupwise`)."""
         return dequantize_groupwise(self, dtype)
 
     def to(self, device: torch.device | str) -> "GroupQuantized":
+        """A copy with codes, scales and zero points on ``device``."""
         return GroupQuantized(self.data.to(device), self.scale.to(device), self.zero.to(device),
                               tuple(self.shape), self.bits, self.group_size)
 
 
 def stochastic_round(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``floor(x)`` or ``ceil(x)``, the latter with probability ``x - floor(x)``: ``E[SR(x)] = x``."""
+    """``floor(x)`` or ``ceil(x)``, the latter with probability ``x - floor(x)``: ``E[SR(x)] = x``.
+
+    Explained in :doc:`/book/qgalore/theory`.
+    """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -170,6 +178,8 @@ def quantize_groupwise(
 
     Nearest rounding (``|x̂ - x| ≤ scale/2``) or, with ``stochastic=True``, unbiased stochastic
     rounding drawing its uniforms from ``generator``. The last group may be partial.
+
+    Explained in :doc:`/book/qgalore/theory`.
     """
     bits = _check_bits(bits)
     group_size = _check_group_size(group_size)
@@ -193,7 +203,10 @@ def quantize_groupwise(
 
 
 def dequantize_groupwise(qt: GroupQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(q - zero) * scale`` group by group, reshaped to ``qt.shape``, in ``dtype``."""
+    """``(q - zero) * scale`` group by group, reshaped to ``qt.shape``, in ``dtype``.
+
+    Explained in :doc:`/book/qgalore/theory`.
+    """
     if not isinstance(qt, GroupQuantized):
         raise TypeError(f"qt must be a GroupQuantized, got {type(qt).__name__}")
     n = qt.numel
@@ -211,6 +224,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack uint8 values in [0, 15] two per byte (element 2i in the low nibble, 2i+1 high).
 
     Returns uint8 ``(ceil(numel/2),)``; an odd count leaves the last high nibble 0.
+
+    Explained in :doc:`/book/qgalore/theory`.
     """
     if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
         raise TypeError(f"q must be a uint8 torch.Tensor, got {getattr(q, 'dtype', type(q).__name__)}")
@@ -224,7 +239,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: the first ``numel`` INT4 codes as uint8 ``(numel,)``."""
+    """Inverse of :func:`pack_int4`: the first ``numel`` INT4 codes as uint8 ``(numel,)``.
+
+    Explained in :doc:`/book/qgalore/theory`.
+    """
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 torch.Tensor, got {getattr(packed, 'dtype', type(packed).__name__)}")
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0 or numel > 2 * packed.numel():

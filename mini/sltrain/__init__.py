@@ -24,6 +24,8 @@ with ``index_bytes``).
 - :mod:`mini.sltrain.convert`: :func:`~mini.sltrain.convert.convert_to_sltrain`, the model
   converter (through :func:`mini.lm.lowrank.replace_linears`), its report, and the paper's
   recipes (:data:`~mini.sltrain.convert.PAPER_RECIPES`).
+
+Explained in :doc:`/book/sltrain/theory`.
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ the same seed gives the same supports: a checkpoint then loads without adopting 
 Differences from the official code: the rank is capped per layer at ``min(in, out)`` as in
 :func:`mini.lm.lowrank.to_low_rank`; the report counts the parameters before and after and the
 support entries (int64 buffers, not parameters) separately.
+
+Explained in :doc:`/book/sltrain/theory`.
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ __all__ = ["SLTrainRecipe", "PAPER_RECIPES", "SLTrainReport", "convert_to_sltrai
 @dataclass(frozen=True)
 class SLTrainRecipe:
     """One of the paper's pretraining recipes (official ``scripts/llm_pretrain/sltrain*.sh``; C4,
-    sequence length 256, BF16, cosine schedule)."""
+    sequence length 256, BF16, cosine schedule).
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
 
     rank: int  #: r of every projection
     density: float  #: δ, ``--sp_ratio``
@@ -63,7 +68,10 @@ PAPER_RECIPES: dict[str, SLTrainRecipe] = {
 
 @dataclass
 class SLTrainReport(ConversionReport):
-    """:class:`~mini.lm.lowrank.ConversionReport` plus the SLTrain split of the new layers."""
+    """:class:`~mini.lm.lowrank.ConversionReport` plus the SLTrain split of the new layers.
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
 
     index_entries: int = 0  #: support positions stored (int64 buffers; 8 bytes each as stored)
     low_rank_params: int = 0  #: parameters of the factors A and B of all converted layers
@@ -77,7 +85,10 @@ class SLTrainReport(ConversionReport):
 
 def sltrain_layers(model: nn.Module) -> list[tuple[str, SparseLowRankLinear]]:
     """The ``(qualified name, layer)`` pairs of every
-    :class:`~mini.sltrain.layer.SparseLowRankLinear` in ``model``."""
+    :class:`~mini.sltrain.layer.SparseLowRankLinear` in ``model``.
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLowRankLinear)]
 
 
@@ -91,6 +102,8 @@ def convert_to_sltrain(
     backend: str = "auto",
 ) -> SLTrainReport:
     """Replace, in place, the matching ``nn.Linear`` layers of ``model`` by SLTrain layers.
+
+    Explained in :doc:`/book/sltrain/theory`.
 
     Args:
         model: any module (a ``LlamaForCausalLM`` from :func:`mini.lm.config.build_model`).

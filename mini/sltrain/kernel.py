@@ -59,6 +59,8 @@ Differences from the official code: the official C++ extension materialises ``B�
 a matmul and then scatter-adds the values (two passes over W, the second a scattered
 read-modify-write); this kernel adds the sparse values to the tile in registers before its only
 store. Backward is the same algebra (see :mod:`mini.sltrain.layer`).
+
+Explained in :doc:`/book/sltrain/theory`.
 """
 from __future__ import annotations
 
@@ -213,6 +215,8 @@ def tile_offsets(index: torch.Tensor, out_features: int, in_features: int,
     ``offsets[i, c]`` is the number of support positions before ``i·n + min(c·block_n, n)``, so
     the entries of row ``i`` in column tile ``c`` are ``index[offsets[i, c] : offsets[i, c+1]]``
     (``index`` sorted ascending). On ``index``'s device.
+
+    Explained in :doc:`/book/sltrain/theory`.
     """
     check_tensor("index", index, dtypes=(torch.int64,), ndim=1, contiguous=False)
     m, n = int(out_features), int(in_features)
@@ -248,6 +252,8 @@ def sparse_lowrank_weight_reference(
     ``B`` (m, r), ``A`` (r, n), ``values`` (nnz,) of one floating dtype (float64 included),
     ``index`` (nnz,) int64 sorted distinct flat positions; ``tile_offsets`` is the kernel's
     table (checked, not needed here). Writes into ``out`` (m, n) when given.
+
+    Explained in :doc:`/book/sltrain/theory`.
     """
     m, n, r, scale = _check_weight_args(B, A, values, index, scale, tile_offsets, out, FLOAT_DTYPES, False)
     w = torch.mm(B, A, out=out) if out is not None else B @ A  # (m, n)
@@ -259,7 +265,10 @@ def sparse_lowrank_weight_reference(
 @torch.no_grad()
 def gather_support_reference(grad_weight: torch.Tensor, index: torch.Tensor,
                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``grad_weight.view(-1)[index]`` (nnz,), in PyTorch; into ``out`` when given."""
+    """``grad_weight.view(-1)[index]`` (nnz,), in PyTorch; into ``out`` when given.
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
     _check_gather_args(grad_weight, index, out, FLOAT_DTYPES, False)
     flat = grad_weight.reshape(-1)
     if out is None:
@@ -314,6 +323,8 @@ def sparse_lowrank_weight(
 ) -> torch.Tensor:
     """The SLTrain weight ``W = scale · B A + S`` (out × in), built tile by tile.
 
+    Explained in :doc:`/book/sltrain/theory`.
+
     Args:
         B: (out, r) and A: (r, in), the low-rank factors; values: (nnz,) the non-zeros of S;
             one dtype (the kernel: float32, float16 or bfloat16; the reference also float64).
@@ -334,16 +345,24 @@ def gather_support(grad_weight: torch.Tensor, index: torch.Tensor, out: Optional
 
     ``grad_weight`` (out, in), contiguous for the kernel; ``index`` (nnz,) int64; ``backend`` as
     in :func:`sparse_lowrank_weight`.
+
+    Explained in :doc:`/book/sltrain/theory`.
     """
     return _gather_op(grad_weight, index, out=out, backend=backend)
 
 
 def weight_work(m: int, n: int, r: int, nnz: int, elem_bytes: int = 4) -> dict[str, float]:
-    """FLOPs and compulsory DRAM bytes of one :func:`sparse_lowrank_weight` call."""
+    """FLOPs and compulsory DRAM bytes of one :func:`sparse_lowrank_weight` call.
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
     return {"flops": 2.0 * m * n * r + nnz,
             "bytes": float(elem_bytes * (m * r + r * n + nnz + m * n) + 8 * nnz + 4 * m * (_n_col_tiles(n) + 1))}
 
 
 def gather_work(nnz: int, elem_bytes: int = 4) -> dict[str, float]:
-    """Compulsory DRAM bytes of one :func:`gather_support` call (no FLOPs)."""
+    """Compulsory DRAM bytes of one :func:`gather_support` call (no FLOPs).
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
     return {"flops": 0.0, "bytes": float(nnz * (8 + 2 * elem_bytes))}

@@ -23,12 +23,12 @@ made in the official order (bias, A, support, values) from one generator.
 Forward and backward (the official extension's algebra; eqs. of the chapter)::
 
     forward:   W = (α/r) B A + S         (recomputed; not saved)
-               y = x Wᵀ + b                                              x (..., n), y (..., m)
+               y = x Wᵀ + b              x (..., n), y (..., m)
     backward:  W = (α/r) B A + S         (recomputed again)
-               G_W = gᵀ x                (m × n, dense and transient)    g = ∂L/∂y (..., m)
+               G_W = gᵀ x                (m × n, dense, transient); g = ∂L/∂y (..., m)
                ∂L/∂x = g W
                ∂L/∂B = G_W (α/r · A)ᵀ,  ∂L/∂A = (α/r) Bᵀ G_W
-               ∂L/∂values = G_W[Ω]       (the dense gradient gathered on the support)
+               ∂L/∂values = G_W[Ω]       (the dense gradient on the support)
                ∂L/∂b = Σ g
 
 The saving is in the parameters, their gradients and optimizer states and the stored weights;
@@ -51,6 +51,8 @@ Differences from the official code, and why:
   and ignored upstream) and the optional tanh-trainable scaling are not provided.
 - W is built in one kernel with the sparse entries added in registers (see
   :mod:`mini.sltrain.kernel`), not a matmul followed by a scatter-add.
+
+Explained in :doc:`/book/sltrain/theory`.
 """
 from __future__ import annotations
 
@@ -94,6 +96,8 @@ def n_nonzeros(density: float, out_features: int, in_features: int) -> int:
     """``⌊density · out · in⌋``, the support size (the official ``int(sp_ratio · m · n)``).
 
     A density that gives no non-zero at all is an error (raise it, or use a low-rank layer).
+
+    Explained in :doc:`/book/sltrain/theory`.
     """
     density = _check_density(density)
     n_in, n_out = check_features(in_features, out_features)
@@ -112,6 +116,8 @@ def random_support(out_features: int, in_features: int, density: float,
 
     As the official code: ``torch.randperm(m·n)[:nnz]``, sorted (from ``generator``, else torch's
     global generator).
+
+    Explained in :doc:`/labs/sltrain/support`.
     """
     nnz = n_nonzeros(density, out_features, in_features)
     perm = torch.randperm(int(out_features) * int(in_features), generator=generator)
@@ -119,7 +125,10 @@ def random_support(out_features: int, in_features: int, density: float,
 
 
 def check_support(index: Any, out_features: int, in_features: int, *, name: str = "support") -> Tensor:
-    """``index`` as a sorted, distinct, in-range 1-D int64 tensor, or a ValueError naming ``name``."""
+    """``index`` as a sorted, distinct, in-range 1-D int64 tensor, or a ValueError naming ``name``.
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
     if not isinstance(index, Tensor):
         raise TypeError(f"{name} must be 'random' or a 1-D integer tensor of positions, got {type(index).__name__}")
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
@@ -145,6 +154,8 @@ def top_magnitude_index(weight: Tensor, density: float, rank: Optional[int] = No
     With ``rank``, of the residual ``weight - (best rank-r approximation)`` (truncated SVD): the
     support a sparse factor would pick to capture what ``rank`` singular directions miss (paper,
     Fig. 2 and Table 1, "top" support against random). Ties are broken by ``torch.topk``.
+
+    Explained in :doc:`/book/sltrain/theory`.
     """
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
@@ -239,6 +250,8 @@ def sparse_lowrank_linear(
     sorted; ``bias`` (out,) or None; all on one device and (but ``index``) of one dtype.
     ``backend`` picks the ops' backend (``"auto"``: Triton on CUDA for float32/16/bf16, the
     PyTorch reference otherwise); ``tile_offsets`` is the kernel's cached run table.
+
+    Explained in :doc:`/book/sltrain/theory`.
     """
     _check_input(x, A)
     concrete = _concrete_backend(backend, x.device, x.dtype)
@@ -252,6 +265,8 @@ def sparse_lowrank_linear(
 # ---------------------------------------------------------------------------------------------
 class SparseLowRankLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W = (α/r)·B A + S`` and S on a fixed support (SLTrain).
+
+    Explained in :doc:`/book/sltrain/theory`.
 
     Args:
         in_features, out_features: the weight is (out_features × in_features).
@@ -479,7 +494,10 @@ def load_sltrain_state_dict(model: nn.Module, state_dict: Mapping[str, Any], str
                             adopt_support: bool = False):
     """``model.load_state_dict(state_dict, strict)``; with ``adopt_support`` every
     :class:`SparseLowRankLinear` of the model takes the checkpoint's support instead of raising
-    on a mismatch (resume without the conversion seed). Build the optimizer afterwards."""
+    on a mismatch (resume without the conversion seed). Build the optimizer afterwards.
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, SparseLowRankLinear)]
