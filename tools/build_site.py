@@ -33,6 +33,11 @@ STAGED = ["_config.yml", "_toc.yml", "references.bib", "book", "labs", "mini"]  
 def _config_without_execution(dst: Path) -> Path:
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config.setdefault("execute", {})["execute_notebooks"] = "off"
+    # Jupyter Book resolves local extensions' paths against the config file's folder: the
+    # generated config lives elsewhere, so give it the repository's paths.
+    local = (config.get("sphinx") or {}).get("local_extensions") or {}
+    for name, path in local.items():
+        local[name] = str((ROOT / path).resolve())
     out = dst / "_config.yml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(config, sort_keys=False))
