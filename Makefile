@@ -9,7 +9,7 @@ REQ_HASH := $(shell sha256sum requirements.txt pyproject.toml | sha256sum | cut 
 # Two cores: two processes of one thread each at most (see the README on threads).
 export PYTHONHASHSEED := 0
 
-.PHONY: venv book test test-unit test-notebooks execute timing claims assets links check-links bench clean help
+.PHONY: venv book test test-unit test-notebooks execute timing claims assets links check-links bench check-site clean help
 
 help:
 	@echo "make book      create .venv, execute every notebook (two at a time), render _build/html (-W -n)"
@@ -19,6 +19,7 @@ help:
 	@echo "make assets    retrain the checkpoint assets of mini/checkpoints (commit them)"
 	@echo "make links     regenerate Colab badges and %pip lines from _config.yml's repository"
 	@echo "make bench     run bench/ (GPU figures only on a CUDA machine)"
+	@echo "make check-site  build the site (committed outputs), check every page in headless Chromium"
 
 venv:
 	@if [ ! -x $(BIN)/python ] || [ "$$(cat $(STAMP) 2>/dev/null)" != "$(REQ_HASH)" ]; then \
@@ -75,6 +76,28 @@ bench: venv
 	$(BIN)/python bench/quant8.py
 	$(BIN)/python bench/qgalore_update.py
 	$(BIN)/python bench/sltrain_layer.py
+
+# Every page of the built site in headless Chromium at 1400 px (tools/check_site.py): code
+# cells that scroll, unrendered tables and math, links and anchors, numbering, images, console
+# errors. Not part of make test. Installs what it needs: Debian's chromium, Playwright
+# (requirements-site.txt) and MathJax 3 (npm, answering the CDN's requests offline; without it
+# math is checked statically). Options: make check-site CHECK_SITE_ARGS="--max-scroll 5".
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SITE_TOOLS := _build/check_site
+MATHJAX_VERSION := 3.2.2
+CHECK_SITE_ARGS ?=
+
+check-site: venv
+	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+	$(BIN)/python -m pip install -q -r requirements-site.txt
+	@[ -f $(SITE_TOOLS)/node_modules/mathjax/es5/tex-mml-chtml.js ] || { \
+	  { command -v npm >/dev/null || { $(SUDO) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q npm; }; } && \
+	  mkdir -p $(SITE_TOOLS) && npm install -q --prefix $(SITE_TOOLS) --no-save --no-audit --no-fund \
+	    mathjax@$(MATHJAX_VERSION); } || echo ">> no MathJax: math is checked statically"
+	$(BIN)/python tools/build_site.py
+	$(BIN)/python tools/check_site.py $(CHECK_SITE_ARGS)
 
 clean:
 	rm -rf _build .pytest_cache
