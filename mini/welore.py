@@ -438,14 +438,15 @@ def _count_below(sorted_values: np.ndarray, tau: float) -> int:
 
 
 def threshold_for_reduction(spectra: Spectra, target: float) -> Threshold:
-    """The one global τ whose reduction ρ(τ) of (4) is closest to ``target`` ∈ (0, 1), by bisection.
+    """The one global τ whose reduction ρ(τ) of (4) is closest to ``target`` ∈ (0, 1).
 
-    Bisection on [0, 1] keeps ``ρ(lo) < target ≤ ρ(hi)`` until ``lo`` and ``hi`` are adjacent
-    floats, so they straddle one step of ρ; the closer of the two levels wins, the smaller one on
-    a tie (distances equal within 1e-12, so that 0.1 between 34/350 and 36/350 is a tie although
-    the float 0.1 is slightly above one tenth). A target above ρ(1) (every matrix keeps only its top direction, or its ties at the top)
-    returns τ = 1's level. The τ returned is moved to the middle of the interval of thresholds
-    that give the chosen level.
+    Bisection on [0, 1] keeps ``ρ(lo) < target ≤ ρ(hi)`` until ``lo`` and ``hi`` are
+    adjacent floats, so they straddle one step of ρ; the closer of the two levels wins,
+    the smaller one on a tie (distances equal within 1e-12, so that 0.1 between 34/350
+    and 36/350 is a tie although the float 0.1 is slightly above one tenth). A target
+    above ρ(1) (every matrix keeps only its top direction, or its ties at the top)
+    returns τ = 1's level. The τ returned is moved to the middle of the interval of
+    thresholds that give the chosen level.
 
     Explained in :doc:`/book/welore/theory`.
     """
@@ -471,13 +472,14 @@ def threshold_for_reduction(spectra: Spectra, target: float) -> Threshold:
             else:
                 hi = mid
         below, above = rho(lo), rho(hi)
-        # closer level wins; a tie (within rounding of the float target) goes to the smaller one
+        # the closer level wins; a tie (within rounding of the float target) goes to the
+        # smaller one
         chosen = hi if (above - target) < (target - below) - _TIE_TOL else lo
     count = _count_below(values, chosen)
-    # every τ in (values[count-1], values[count]] gives this count: take the middle of it
+    # every τ in (values[count-1], values[count]] gives this count: take its middle
     if count == 0:
         tau = 0.0  # s̃ ≥ 0, so nothing is below 0
-    elif count == values.size:  # pragma: no cover - impossible for τ ≤ 1, since max s̃ = 1
+    elif count == values.size:  # pragma: no cover - τ ≤ 1 and max s̃ = 1
         tau = chosen
     else:
         a, b = float(values[count - 1]), float(values[count])
@@ -579,9 +581,10 @@ class LowRankComponent(nn.Module):
         bias: Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> "LowRankComponent":
-        """The LRC of rank ``k`` from an SVD ``U`` (m × r), ``s`` (r,), ``Vh`` (r × n), as in (6).
+        """The LRC of rank ``k`` from an SVD ``U`` (m × r), ``s`` (r,), ``Vh`` (r × n).
 
-        The factors are computed in ``U``'s precision and stored in ``dtype`` (default ``U``'s).
+        As in (6). The factors are computed in ``U``'s precision and stored in ``dtype``
+        (default ``U``'s).
         """
         for n_, t, nd in (("U", U, 2), ("s", s, 1), ("Vh", Vh, 2)):
             if not isinstance(t, Tensor):

@@ -47,3 +47,35 @@ def test_notebook_code_fits_the_column():
         [str(ruff), "format", "--check", *map(str, notebooks())], capture_output=True, text=True
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _literalincludes():
+    """(notebook, path, pyobject) of every ``literalinclude`` of library code in a chapter."""
+    import re
+
+    pattern = re.compile(r"```\{literalinclude\}\s+(\S+)\s*\n(?:[^`]*?):pyobject:\s*(\S+)")
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "markdown":
+                for rel, obj in pattern.findall(cell.source):
+                    yield path, (path.parent / rel).resolve(), obj
+
+
+def test_included_library_code_fits_the_column():
+    """Functions shown in a chapter (``literalinclude``) exist and fit 88 characters."""
+    import ast
+
+    found = list(_literalincludes())
+    assert found, "the chapters include no library code"
+    for nb_path, src_path, obj in found:
+        assert src_path.is_file(), f"{nb_path.name}: {src_path} does not exist"
+        source = src_path.read_text()
+        node = ast.parse(source)
+        for part in obj.split("."):
+            node = next((n for n in ast.iter_child_nodes(node)
+                         if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part), None)
+            assert node is not None, f"{nb_path.name}: {obj} not found in {src_path.name}"
+        lines = source.splitlines()[node.lineno - 1 - len(node.decorator_list): node.end_lineno]
+        wide = [ln for ln in lines if len(ln) > 88]
+        assert not wide, f"{obj} ({src_path.name}), shown in {nb_path.name}, has lines over 88: {wide}"

@@ -108,6 +108,47 @@ def fit_source(src: str, limit: int = LIMIT) -> str:
     return "\n".join(lines)
 
 
+def lift_trailing_comments(src: str) -> str:
+    """Move a trailing comment that made ruff split a statement onto its own line above it.
+
+    ``x = f(\n    a\n)  # why`` becomes ``# why\nx = f(a)`` once ruff joins the statement
+    again; a multi-line ``def`` header's comment becomes the body's first line.
+    """
+    import ast
+
+    try:
+        tree = ast.parse(_mask_magics(src))
+        tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+    except (SyntaxError, tokenize.TokenError, IndentationError):
+        return src
+    comments = {t.start[0]: t for t in tokens if t.type == tokenize.COMMENT}
+    lines = src.split("\n")
+    moves = []  # (comment line, target line, indent)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            header_end = node.body[0].lineno - 1
+            while header_end > node.lineno and not lines[header_end - 1].strip():
+                header_end -= 1
+            if header_end > node.lineno and header_end in comments:
+                body = lines[node.body[0].lineno - 1]
+                moves.append((header_end, node.body[0].lineno, body[: len(body) - len(body.lstrip())]))
+        elif isinstance(node, ast.stmt) and not hasattr(node, "body"):
+            end = node.end_lineno
+            tok = comments.get(end)
+            if end > node.lineno and tok and tok.start[1] >= node.end_col_offset:
+                first = lines[node.lineno - 1]
+                moves.append((end, node.lineno, first[: len(first) - len(first.lstrip())]))
+    for line, target, indent in sorted(moves, reverse=True):
+        tok = comments[line]
+        lines[line - 1] = lines[line - 1][: tok.start[1]].rstrip()
+        lines.insert(target - 1, f"{indent}{tok.string}")
+    return "\n".join(lines)
+
+
+def _mask_magics(src: str) -> str:
+    return re.sub(r"(?m)^(\s*)[%!].*$", r"\1pass", src)
+
+
 def long_lines(path: Path, limit: int = LIMIT) -> list[tuple[int, str]]:
     nb = json.loads(path.read_text())
     out = []
@@ -130,7 +171,7 @@ def fit(paths: list[Path]) -> None:
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 src = "".join(cell["source"])
-                new = fit_source(src)
+                new = fit_source(lift_trailing_comments(src))
                 if new != src:
                     parts = new.split("\n")
                     cell["source"] = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])

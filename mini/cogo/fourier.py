@@ -186,9 +186,10 @@ def _sums(rp: torch.Tensor) -> torch.Tensor:
 
 
 def per_frequency_loss(pots: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``ℓ_k`` of the decomposition for every k, float64 of shape ``(d,)``; entry 0 is 0.
+    """``ℓ_k`` of the decomposition for every k: float64, shape ``(d,)``; entry 0 is 0.
 
-    Exact only for centred weights (``z_{a,0} = z_{b,0} = 0``); see the module docstring.
+    Exact only for centred weights (``z_{a,0} = z_{b,0} = 0``); see the module
+    docstring.
 
     Explained in :doc:`/book/cogo/theory`.
     """

@@ -79,7 +79,7 @@ def _khatri_rao(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
 
 
 def mul(x: Weights, y: Weights) -> Weights:
-    """Khatri–Rao product of the Fourier coefficients: unscaled ``r(x·y) = r(x) ⊙ r(y)``.
+    """Khatri–Rao product of Fourier coefficients: ``r(x·y) = r(x) ⊙ r(y)``, unscaled.
 
     Returns real float64 weights with ``q_x * q_y`` nodes, node ``(j1, j2)`` at index
     ``j1 * q_y + j2``.

@@ -288,7 +288,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 grad, projector = self._prepare(p, group, state)
                 norm_grad = self.adam_direction(p, group, state, grad)
                 if projector is not None:
-                    norm_grad = projector.project_back(norm_grad)  # (m, n), scale included
+                    # (m, n), the scale included
+                    norm_grad = projector.project_back(norm_grad)
                 p.add_(norm_grad, alpha=-self.step_size(group, state["step"]))
                 if group["weight_decay"] > 0.0:
                     p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))

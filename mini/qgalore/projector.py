@@ -162,7 +162,10 @@ class AdaptiveProjector(GaLoreProjector):
         return ortho[0, :] if self.side == "right" else ortho[:, 0]  # (n,) or (m,)
 
     def set_basis(self, ortho: Tensor, ortho_right: Tensor | None = None) -> None:
-        """Install a basis; after a real SVD, push ``|cos|`` of the leading vectors and adapt the gap."""
+        """Install a basis; after a real SVD, queue ``|cos|`` of the leading vectors.
+
+        Then grow the gap T when the queue is full and its mean is above the threshold.
+        """
         previous = self.ortho
         super().set_basis(ortho, ortho_right)
         if previous is None or not getattr(self, "_in_svd", False):
@@ -173,9 +176,12 @@ class AdaptiveProjector(GaLoreProjector):
         self.queue.append(cos)
         if len(self.queue) > self.queue_size:
             self.queue.pop(0)
-        stable = len(self.queue) == self.queue_size and sum(self.queue) / self.queue_size >= self.cos_threshold
-        if stable and self.gamma > 1:  # T <- gamma T (at least +1, so the gap stays an int that grows)
-            self.update_proj_gap = max(self.update_proj_gap + 1, int(round(self.update_proj_gap * self.gamma)))
+        full = len(self.queue) == self.queue_size
+        stable = full and sum(self.queue) / self.queue_size >= self.cos_threshold
+        if stable and self.gamma > 1:
+            # T <- gamma T (at least +1, so the gap stays an integer that grows)
+            grown = int(round(self.update_proj_gap * self.gamma))
+            self.update_proj_gap = max(self.update_proj_gap + 1, grown)
             self.n_gap_increases += 1
 
     def update_basis(self, grad: Tensor) -> bool:

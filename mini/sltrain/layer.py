@@ -202,7 +202,9 @@ class _SparseLowRankFn(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])  # (T, m)
         gx = gA = gB = gv = gb = None
         if need_x:
-            W = sparse_lowrank_weight(B, A, values, index, scale, tile_offsets=ctx.offsets, backend=backend)
+            W = sparse_lowrank_weight(
+                B, A, values, index, scale, tile_offsets=ctx.offsets, backend=backend
+            )
             gx = g2.matmul(W).view(*g.shape[:-1], W.shape[1])  # (..., n)
             del W
         if need_A or need_B or need_v:
