@@ -416,8 +416,104 @@ def test_analyze_errors():
         an.analyze(*W, threshold=0)
     with pytest.raises(ValueError, match="factor_tol must be a positive"):
         an.analyze(*W, factor_tol=-0.1)
+    with pytest.raises(ValueError, match=r"rule must be one of \('scaled', 'absolute'\), got 'max'"):
+        an.analyze(*W, rule="max")
+    with pytest.raises(ValueError, match="threshold must be a positive finite number, got inf"):
+        an.dead_cut(7, float("inf"))
+    with pytest.raises(ValueError, match="odd integer >= 3"):
+        an.node_scale(8)
     with pytest.raises(ValueError, match="q even"):
         an.factorize_block(np.ones((3, 5)))
+
+
+def f6_from_coefficients(d: int):
+    """The exact F6 (z_ν·z_syn on every k, r̃_kkk = 1) built straight from its coefficients.
+
+    Same nodes as ``cons.construct("F6", d)`` (checked at d = 23), but in one inverse FFT, so
+    that d = 701 (2100 nodes) builds in milliseconds.
+    """
+    X, Y = cons.partial_coefficients("nu"), cons.partial_coefficients("syn")
+    block = [np.kron(x, y) for x, y in zip(X, Y)]  # a, b, c of the 6 nodes: Khatri–Rao
+    lam = (2 * d * (block[0] * block[1] * block[2]).sum().real) ** (-1 / 3)
+    half = (d - 1) // 2
+    zs = []
+    for row in block:
+        z = torch.zeros(d, 6 * half, dtype=torch.complex128)  # (d, q)
+        for k in range(1, half + 1):
+            z[k, 6 * (k - 1): 6 * k] = torch.from_numpy(lam * row)
+            z[d - k, 6 * (k - 1): 6 * k] = z[k, 6 * (k - 1): 6 * k].conj()
+        zs.append(z)
+    return fo.from_coefficients(*zs)
+
+
+def test_dead_cut_scales_with_d():
+    # the official absolute cut at the book's d = 11; the same share of the node scale at every d
+    assert an.dead_cut(11) == pytest.approx(an.OFFICIAL_THRESHOLD, rel=1e-3)
+    assert an.dead_cut(11, rule="absolute") == an.dead_cut(701, rule="absolute") == 0.05
+    for d in (5, 23, 701):
+        assert an.dead_cut(d) == pytest.approx(0.14 * (2 * d) ** (-1 / 3))
+        assert an.dead_cut(d, 0.2) / an.node_scale(d) == pytest.approx(0.2)
+    W23 = f6_from_coefficients(23)
+    ref = cons.construct("F6", 23)
+    mags = [np.sort(fo.coefficients(*W)[0].abs().max(0).values.numpy()) for W in (W23, ref)]
+    np.testing.assert_allclose(mags[0], mags[1], rtol=1e-12)  # the same nodes as construct
+    assert float(mo.loss(*W23)) < 1e-20
+
+
+def test_exact_f6_at_large_d_has_no_dead_node():
+    d = 701
+    W = f6_from_coefficients(d)
+    za = fo.coefficients(*W)[0]
+    m = za.abs().max(0).values  # (q,): every node's largest |z_a|
+    # a node of an order-6 block: (2d · 6)^(-1/3) = 0.55 node scales, 0.049 at d = 701
+    torch.testing.assert_close(m, torch.full_like(m, (12 * d) ** (-1 / 3)))
+    A = an.analyze(*W)
+    assert A.n_dead == 0 and A.counts == {"nu·syn": (d - 1) // 2}
+    assert A.share_named == 1.0 and A.rule == "scaled"
+    # the official absolute cut 0.05 reads the exact construction as a dead network
+    B = an.analyze(*W, rule="absolute")
+    assert B.n_dead == B.q == 3 * (d - 1) and B.counts == {} and B.threshold == 0.05
+    # tiny nodes stay dead at large d (1e-3 weights: |z_a| about 1e-3 / sqrt(d) << the cut)
+    C = an.analyze(*scramble(W, seed=1))
+    assert C.n_dead == 3 and C.counts == {"nu·syn": (d - 1) // 2}
+
+
+def test_zero_network_has_no_live_node():
+    # weights of 1e-3 (what too much weight decay leaves) are dead at every d: the cut follows
+    # the scale the task sets, not the largest node
+    for d in (11, 23, 101):
+        A = an.analyze(*(1e-3 * w for w in rand_weights(64, d, seed=d)))
+        assert A.n_dead == 64 and A.counts == {}
+
+
+def noisy_f6(eps: float, d: int = 11, seed: int = 0):
+    """F6 with every coefficient moved by complex noise of relative size ``eps``."""
+    g = torch.Generator().manual_seed(seed)
+    noisy = []
+    for z in fo.coefficients(*cons.construct("F6", d)):
+        n = torch.complex(*(torch.randn(z.shape, generator=g, dtype=torch.float64) for _ in range(2)))
+        n = n * z.abs() * eps  # (d, q)
+        for k in range(1, (d - 1) // 2 + 1):
+            n[d - k] = n[k].conj()  # real weights
+        noisy.append(z + n)
+    return fo.from_coefficients(*noisy)
+
+
+def test_tolerance_behaviour():
+    tols = (0.02, 0.05, 0.1, 0.2)
+    exact = [an.analyze(*cons.construct("F6", 11), factor_tol=t) for t in tols]
+    assert all(a.share_named == 1.0 for a in exact)  # an exact construction at every tolerance
+    # noise of 5% per coefficient: factorable from 0.05 on, named from the official 0.1 on
+    A = [an.analyze(*noisy_f6(0.05), factor_tol=t) for t in tols]
+    assert [a.share_factorable_46 for a in A] == [0.0, 1.0, 1.0, 1.0]
+    assert [a.share_named for a in A] == [0.0, 0.0, 1.0, 1.0]
+    assert A[1].counts == {"other": 5} and A[0].counts == {"not factorable": 5}
+    # shares never fall as the tolerance grows
+    for eps in (0.01, 0.03, 0.1):
+        sh = [an.analyze(*noisy_f6(eps), factor_tol=t) for t in tols]
+        for lo, hi in zip(sh, sh[1:]):
+            assert lo.share_named <= hi.share_named
+            assert lo.share_factorable_46 <= hi.share_factorable_46
 
 
 def test_factorize_block_exact_khatri_rao():

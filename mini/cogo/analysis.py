@@ -12,9 +12,27 @@ factorize_sol.py at e76471a):
 1. Node frequency. With the 1/d-normalised coefficients ``z_{a,k,j}`` of
    :func:`mini.cogo.fourier.coefficients`, node j's frequency is
    ``argmax_{k = 0 … (d−1)/2} |z_{a,k,j}|`` (frequency 0 is considered; such nodes are counted
-   in ``n_freq0`` and belong to no block). The node is dead, and dropped, when that maximum is
-   ``<= threshold`` (default 0.05, the official value; it is an absolute magnitude of z_a, so it
-   assumes the scale of a trained or constructed network, not of arbitrary rescalings).
+   in ``n_freq0`` and belong to no block). The node is dead, and dropped, when that maximum
+   ``m_j`` is at most a cut (:func:`dead_cut`). The official code cuts at the absolute value
+   0.05 (``factorize_sol.py`` line 156: ``best_freqs_max > 0.05``; ``rule="absolute"`` here).
+   That value fits the paper's d = 23 but not every d: the weights of a network that fits
+   shrink like d^{-1/3}. A balanced node (``|a| = |b| = |c| = m``) on frequency k adds
+   ``2d m³`` to the diagonal potential r̃_kkk, whose target is 1, so the task sets the scale
+   ``u(d) = (2d)^{-1/3}``: one node of that size carries the whole potential, a node of an
+   order-q_k block of a construction has ``m = u(d) q_k^{-1/3}`` (0.55 u at order 6, 0.63 u at
+   order 4) at every d. At d = 701 that is 0.049 for F6, below the official 0.05, which marks
+   every node of the exact construction dead. The default ``rule="scaled"`` cuts at
+   ``threshold · u(d)`` with ``threshold = 0.14`` (:data:`SCALED_THRESHOLD`): a node counts
+   when it could carry at least 0.14³ ≈ 0.3% of a diagonal potential. That is the official
+   cut at the book's d = 11 to within 0.1% (0.14 · 22^{-1/3} = 0.04996), 0.039 at the paper's
+   d = 23 and 0.0125 at d = 701. In trained networks (d = 11 and 23, weight decay 5e-5 to 1e-2) live
+   nodes have ``m ≥ 0.24 u`` and decaying ones ``m ≤ 0.05 u``, so the cut sits in a wide gap.
+   We do not cut relative to the largest node: that rule cannot see the zero network (every
+   weight about 1e-3 after too much weight decay), whose nodes are all alike and would all
+   count as live. Like the official rule this reads ``|z_a|`` only, so it assumes balanced
+   nodes (weight decay balances them; the constructions are balanced); a network rescaled by
+   the symmetry (a, b, c) → (s a, s b, c / s²) is read as a different one. Without weight
+   decay no node decays and any cut, the official one included, is a convention.
 2. The order of frequency k is the number of live nodes assigned to it. For order 4 or 6 the
    block ``F = [A_k; B_k; C_k]`` (3 × q_k, the +k coefficients of a, b, c) is tested for a
    Khatri–Rao factorization into a 2-node and a q_k/2-node factor: nodes are split into q_k/2
@@ -27,7 +45,9 @@ factorize_sol.py at e76471a):
    as z_{ν=−1}·(unnamed)); we take, in order of error, the first that is a named type, and the
    smallest-error one otherwise.
 3. Factor types, after normalising each column by the principal cube root of its product
-   (tolerance ``factor_tol``): 2-node factors are "xi" (c ≈ ±i), "4c" (c ≈ 1, a ≈ ±i), "nu"
+   (tolerance ``factor_tol``, default 0.1: the official code's ``thres = 0.1`` in
+   ``check_component``, line 97, and its bound ``0.1·√(3 q_k)``, line 195; one knob sets
+   both here, and smaller values give lower shares): 2-node factors are "xi" (c ≈ ±i), "4c" (c ≈ 1, a ≈ ±i), "nu"
    (a + b ≈ 0); 3-node factors (first column scaled to 1, a node flipped when Re a > 0, the
    whole factor conjugated when Im c₁ < 0) are "syn" (both columns ≈ ω₃·1 and ω̄₃·1) or
    "syn_ab" (c ≈ [ω₃, ω̄₃]). Block types: "4c·xi", "nu·syn", "4c·syn_ab" (which includes
@@ -37,7 +57,8 @@ factorize_sol.py at e76471a):
 Differences from the official code: the official search permutes nodes to match only the c-row
 ratios and then fixes signs with a 0.2 threshold; we minimise the full 3-row ratio error jointly
 over pairings, orientations and sign flips (never worse, and deterministic). We also report
-β = a₂/ω̄₃ (the official divides by ω₃ for both α and β).
+β = a₂/ω̄₃ (the official divides by ω₃ for both α and β). The dead-node cut scales with d
+(step 1); ``rule="absolute"`` restores the official one.
 
 Explained in :doc:`/labs/cogo/gd_solutions`.
 """
@@ -58,6 +79,11 @@ from .model import check_d, check_weights
 
 __all__ = [
     "NAMED_TYPES",
+    "DEAD_RULES",
+    "OFFICIAL_THRESHOLD",
+    "SCALED_THRESHOLD",
+    "node_scale",
+    "dead_cut",
     "Analysis",
     "factorize_block",
     "classify_factor",
@@ -67,7 +93,46 @@ __all__ = [
 ]
 
 NAMED_TYPES = ("4c·xi", "nu·syn", "4c·syn_ab")
+DEAD_RULES = ("scaled", "absolute")
+OFFICIAL_THRESHOLD = 0.05
+"""The official dead-node cut, an absolute ``|z_a|`` (``factorize_sol.py`` line 156)."""
+SCALED_THRESHOLD = 0.14
+"""The default cut in units of :func:`node_scale` (the official 0.05 at d = 11)."""
 _W3 = cmath.exp(2j * math.pi / 3)
+
+
+def node_scale(d: int) -> float:
+    """``(2d)^{-1/3}``: the ``|z|`` of one balanced node that alone carries ``r̃_kkk = 1``.
+
+    A node with ``|a| = |b| = |c| = m`` adds ``2d m³`` to the diagonal potential, so the
+    weights of every network that fits shrink like this with d (a construction's order-q_k
+    nodes have ``m = node_scale(d) · q_k^{-1/3}``). See the module docstring.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
+    d = check_d(d, odd=True)
+    return (2 * d) ** (-1.0 / 3.0)
+
+
+def dead_cut(d: int, threshold: float | None = None, rule: str = "scaled") -> float:
+    """The absolute ``|z_a|`` at or below which a node is dead, for modulus ``d``.
+
+    ``rule="scaled"`` (default): ``threshold · node_scale(d)``, ``threshold`` defaulting to
+    :data:`SCALED_THRESHOLD` (0.14); the same share of a fitted network's weights at every d.
+    ``rule="absolute"``: ``threshold`` itself, defaulting to :data:`OFFICIAL_THRESHOLD` (0.05,
+    the official code's), which suits the paper's d = 23 and marks every node of the exact F6
+    dead once ``(12d)^{-1/3} <= 0.05``, i.e. from d = 667 on.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
+    if rule not in DEAD_RULES:
+        raise ValueError(f"rule must be one of {DEAD_RULES}, got {rule!r}")
+    if threshold is None:
+        threshold = SCALED_THRESHOLD if rule == "scaled" else OFFICIAL_THRESHOLD
+    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+            or not (threshold > 0 and math.isfinite(threshold))):
+        raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
+    return float(threshold) * node_scale(d) if rule == "scaled" else float(threshold)
 
 
 @dataclass
@@ -79,7 +144,7 @@ class Analysis:
 
     d: int  #: the modulus
     q: int  #: hidden nodes
-    threshold: float  #: a node is dead when its largest ``|z_a|`` is at most this
+    threshold: float  #: the dead-node cut, a node being dead when its largest ``|z_a|`` is at most this
     factor_tol: float  #: largest factorization error for a block to be named
     assignment: list[int]  #: node j's frequency (0 … (d−1)/2), or −1 when dead
     orders: dict[int, int]  #: live nodes on frequency k (0 included)
@@ -89,10 +154,11 @@ class Analysis:
     errors: dict[int, float] = field(default_factory=dict)
     #: factor names and parameters of a factorable block
     params: dict[int, dict[str, Any]] = field(default_factory=dict)
+    rule: str = "scaled"  #: how the cut was set, "scaled" or "absolute" (see :func:`dead_cut`)
 
     @property
     def n_dead(self) -> int:
-        """Nodes whose largest ``|z_a|`` is at most the threshold."""
+        """Nodes whose largest ``|z_a|`` is at most the cut ``threshold``."""
         return sum(1 for k in self.assignment if k < 0)
 
     @property
@@ -255,22 +321,34 @@ def _block_type(q: int, n1: str, n2: str) -> str:
     return "other"
 
 
-def analyze(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol: float = 0.1) -> Analysis:
+def analyze(
+    Wa: Any,
+    Wb: Any,
+    Wc: Any,
+    threshold: float | None = None,
+    factor_tol: float = 0.1,
+    rule: str = "scaled",
+) -> Analysis:
     """Assign nodes to frequencies, count orders, factor and name order-4/6 blocks (odd d >= 3).
+
+    ``threshold`` and ``rule`` set the dead-node cut (:func:`dead_cut`: by default 0.14 times
+    ``(2d)^{-1/3}``; ``rule="absolute"`` with the default threshold is the official 0.05);
+    ``factor_tol`` the factorization and naming tolerance (0.1, the official value).
 
     Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     q, d = check_weights(Wa, Wb, Wc)
     check_d(d, odd=True)
-    for v, n in ((threshold, "threshold"), (factor_tol, "factor_tol")):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"{n} must be a positive finite number, got {v!r}")
+    v = factor_tol
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"factor_tol must be a positive finite number, got {v!r}")
+    cut = dead_cut(d, threshold, rule)
     za, zb, zc = (z.numpy() for z in coefficients(Wa, Wb, Wc))  # (d, q) each
     half = (d - 1) // 2
     mag = np.abs(za[: half + 1])  # (half+1, q)
     if q:
         kbest, mbest = mag.argmax(axis=0), mag.max(axis=0)
-        assignment = [int(k) if m > threshold else -1 for k, m in zip(kbest, mbest)]
+        assignment = [int(k) if m > cut else -1 for k, m in zip(kbest, mbest)]
     else:
         assignment = []
     orders, types, errors, params = {}, {}, {}, {}
@@ -307,10 +385,17 @@ def analyze(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol: floa
         types[k] = t
         errors[k] = e
         params[k] = {"factors": tuple(sorted((n1, n2))), **p1, **p2}
-    return Analysis(d, q, float(threshold), float(factor_tol), assignment, orders, types, errors, params)
+    return Analysis(d, q, cut, float(factor_tol), assignment, orders, types, errors, params, rule)
 
 
-def analyze_batch(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol: float = 0.1) -> list[Analysis]:
+def analyze_batch(
+    Wa: Any,
+    Wb: Any,
+    Wc: Any,
+    threshold: float | None = None,
+    factor_tol: float = 0.1,
+    rule: str = "scaled",
+) -> list[Analysis]:
     """:func:`analyze` for a stack of S networks: ``Wa, Wb`` (S, q, d), ``Wc`` (S, d, q).
 
     Explained in :doc:`/labs/cogo/gd_solutions`.
@@ -326,7 +411,8 @@ def analyze_batch(Wa: Any, Wb: Any, Wc: Any, threshold: float = 0.05, factor_tol
         ws.append(w.detach().cpu())
     if not (ws[0].shape[0] == ws[1].shape[0] == ws[2].shape[0]):
         raise ValueError(f"Wa, Wb, Wc must share the batch size S, got {[w.shape[0] for w in ws]}")
-    return [analyze(ws[0][s], ws[1][s], ws[2][s], threshold, factor_tol) for s in range(ws[0].shape[0])]
+    return [analyze(ws[0][s], ws[1][s], ws[2][s], threshold, factor_tol, rule)
+            for s in range(ws[0].shape[0])]
 
 
 def pooled_summary(analyses: list[Analysis]) -> dict[str, Any]:
