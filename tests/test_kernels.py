@@ -199,3 +199,20 @@ def test_bench_time_op_and_write_result(tmp_path):
         bench.write_result("../x", {}, directory=tmp_path)
     with pytest.raises(ValueError, match="CUDA device"):
         bench.measured_ceiling("cpu")
+
+
+def test_find_result_looks_up_from_the_working_directory(tmp_path, monkeypatch):
+    from mini.kernels.bench import find_result
+
+    monkeypatch.setenv("MINI_BENCH_RESULTS", str(tmp_path / "none"))
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "x.json").write_text("{}")
+    (tmp_path / "labs" / "cogo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "labs" / "cogo")
+    assert find_result("x.json") == tmp_path / "bench" / "results" / "x.json"
+    assert find_result("missing.json") is None
+    monkeypatch.setenv("MINI_BENCH_RESULTS", str(tmp_path / "bench" / "results"))
+    monkeypatch.chdir("/")
+    assert find_result("x.json") == tmp_path / "bench" / "results" / "x.json"  # results_dir()
+    with pytest.raises(ValueError, match="filename must be a plain file name"):
+        find_result("../x.json")

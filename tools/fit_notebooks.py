@@ -13,6 +13,7 @@ printed text does not change, so the committed outputs stay valid.
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import json
 import re
@@ -79,6 +80,7 @@ def split_literal(token: str, width: int) -> list[str] | None:
 
 
 def fit_source(src: str, limit: int = LIMIT) -> str:
+    """Split long one-line string literals and wrap long full-line comments of a cell."""
     lines = src.split("\n")
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
@@ -88,10 +90,8 @@ def fit_source(src: str, limit: int = LIMIT) -> str:
     for tok in tokens:
         (r0, c0), (r1, c1) = tok.start, tok.end
         if r0 != r1 or r0 > len(lines) or len(lines[r0 - 1]) <= limit:
-            continue
+            continue  # only one-line tokens on a line over the limit
         line = lines[r0 - 1]
-        if False:
-            continue
         if tok.type == tokenize.STRING:
             indent = len(line) - len(line.lstrip())
             pieces = split_literal(tok.string, max(24, limit - indent - 12))
@@ -114,8 +114,6 @@ def lift_trailing_comments(src: str) -> str:
     ``x = f(\n    a\n)  # why`` becomes ``# why\nx = f(a)`` once ruff joins the statement
     again; a multi-line ``def`` header's comment becomes the body's first line.
     """
-    import ast
-
     try:
         tree = ast.parse(_mask_magics(src))
         tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))

@@ -101,6 +101,12 @@ SCALED_THRESHOLD = 0.14
 _W3 = cmath.exp(2j * math.pi / 3)
 
 
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def node_scale(d: int) -> float:
     """``(2d)^{-1/3}``: the ``|z|`` of one balanced node that alone carries ``r̃_kkk = 1``.
 
@@ -129,10 +135,8 @@ def dead_cut(d: int, threshold: float | None = None, rule: str = "scaled") -> fl
         raise ValueError(f"rule must be one of {DEAD_RULES}, got {rule!r}")
     if threshold is None:
         threshold = SCALED_THRESHOLD if rule == "scaled" else OFFICIAL_THRESHOLD
-    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-            or not (threshold > 0 and math.isfinite(threshold))):
-        raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
-    return float(threshold) * node_scale(d) if rule == "scaled" else float(threshold)
+    threshold = _check_positive("threshold", threshold)
+    return threshold * node_scale(d) if rule == "scaled" else threshold
 
 
 @dataclass
@@ -339,9 +343,7 @@ def analyze(
     """
     q, d = check_weights(Wa, Wb, Wc)
     check_d(d, odd=True)
-    v = factor_tol
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"factor_tol must be a positive finite number, got {v!r}")
+    factor_tol = _check_positive("factor_tol", factor_tol)
     cut = dead_cut(d, threshold, rule)
     za, zb, zc = (z.numpy() for z in coefficients(Wa, Wb, Wc))  # (d, q) each
     half = (d - 1) // 2

@@ -174,6 +174,23 @@ def results_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
+def find_result(filename: str) -> Path | None:
+    """The recorded ``bench/results/<filename>`` a notebook can read, or None.
+
+    Looks in the working directory and its parents first (a notebook in a clone, or on Colab
+    after ``git clone`` and ``%cd mini``), then in :func:`results_dir` (an editable install).
+
+    See the book's :doc:`introduction </book/intro>`.
+    """
+    if not filename or any(c in filename for c in "/\\") or filename.startswith("."):
+        raise ValueError(f"filename must be a plain file name, got {filename!r}")
+    here = Path.cwd()
+    for directory in [*(p / "bench" / "results" for p in [here, *here.parents]), results_dir()]:
+        if (directory / filename).is_file():
+            return directory / filename
+    return None
+
+
 def write_result(name: str, record: dict[str, Any], device: torch.device | str | None = None,
                  directory: str | Path | None = None) -> Path:
     """Write ``<directory or bench/results>/<name>.json``: ``record`` plus device and versions.
