@@ -54,7 +54,7 @@ from .model import accuracy, as_weights, check_d, check_weights, forward, loss
 from .semiring import Weights, add, mul, one, scale, symbolic_homomorphism_check, zero
 
 from .kernel import fused_loss_and_grads, loss_and_grads_reference
-from .trainer import TrainConfig, TrainResult, train
+from .trainer import TrainConfig, TrainResult, evaluate, init_weights, make_masks, train
 
 __all__ = [
     # model
@@ -70,6 +70,7 @@ __all__ = [
     # analyze
     "NAMED_TYPES", "Analysis", "factorize_block", "classify_factor", "analyze",
     "analyze_batch", "pooled_summary",
-    # train, kernel (the other engineer's modules)
-    "TrainConfig", "TrainResult", "train", "fused_loss_and_grads", "loss_and_grads_reference",
+    # train, kernel
+    "TrainConfig", "TrainResult", "train", "evaluate", "init_weights", "make_masks",
+    "fused_loss_and_grads", "loss_and_grads_reference",
 ]

@@ -134,10 +134,24 @@ def _targets(d: int, device: torch.device | None = None) -> torch.Tensor:
     return (r[:, None] + r[None, :]) % d  # (d, d)
 
 
-def loss(Wa: Any, Wb: Any, Wc: Any) -> torch.Tensor:
-    """Mean over the d² pairs of ``‖P⊥(o − e_{(a+b) mod d})‖²``; a 0-dim tensor.
+def _pair_mask(mask: Any, d: int, device: torch.device) -> torch.Tensor:
+    """Validate a boolean ``(d, d)`` pair mask that selects at least one pair."""
+    m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
+    if m.dtype != torch.bool:
+        raise TypeError(f"mask must be boolean, got dtype {m.dtype}")
+    if tuple(m.shape) != (d, d):
+        raise ValueError(f"mask must have shape (d, d) = {(d, d)}, got {tuple(m.shape)}")
+    if not bool(m.any()):
+        raise ValueError("mask selects no pairs; it must select at least one")
+    return m.to(device)
 
-    Differentiable when the inputs require grad. Numpy inputs are computed in float64.
+
+def loss(Wa: Any, Wb: Any, Wc: Any, mask: Any = None) -> torch.Tensor:
+    """Mean over the pairs of ``‖P⊥(o − e_{(a+b) mod d})‖²``; a 0-dim tensor.
+
+    ``mask``: optional boolean ``(d, d)`` array/tensor selecting the pairs to average over (a
+    training split, as :func:`mini.cogo.trainer.make_masks` draws them); ``None`` averages all
+    d² pairs. Differentiable when the inputs require grad. Numpy inputs are computed in float64.
 
     Explained in :doc:`/book/cogo/theory`.
     """
@@ -147,7 +161,10 @@ def loss(Wa: Any, Wb: Any, Wc: Any) -> torch.Tensor:
     e = torch.nn.functional.one_hot(_targets(d, Wa.device), d).to(o.dtype)  # (d, d, d)
     r = o - e
     r = r - r.mean(dim=-1, keepdim=True)  # P⊥
-    return (r * r).sum(dim=-1).mean()
+    per_pair = (r * r).sum(dim=-1)  # (d, d)
+    if mask is None:
+        return per_pair.mean()
+    return per_pair[_pair_mask(mask, d, per_pair.device)].mean()
 
 
 def accuracy(Wa: Any, Wb: Any, Wc: Any, mask: Any = None) -> float:
@@ -165,13 +182,4 @@ def accuracy(Wa: Any, Wb: Any, Wc: Any, mask: Any = None) -> float:
     ok = pred == _targets(d, pred.device)
     if mask is None:
         return float(ok.double().mean())
-    m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
-    if m.dtype != torch.bool:
-        raise TypeError(f"mask must be boolean, got dtype {m.dtype}")
-    if tuple(m.shape) != (d, d):
-        raise ValueError(f"mask must have shape (d, d) = {(d, d)}, got {tuple(m.shape)}")
-    m = m.to(ok.device)
-    n = int(m.sum())
-    if n == 0:
-        raise ValueError("mask selects no pairs; it must select at least one")
-    return float(ok[m].double().sum() / n)
+    return float(ok[_pair_mask(mask, d, ok.device)].double().mean())

@@ -48,7 +48,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -150,6 +150,8 @@ class TrainResult:
     history: dict[str, np.ndarray]  #: "step" (T,), "train_loss", "train_acc", "test_acc" (T, S)
     elapsed_s: float  #: wall-clock seconds of the training loop
     config: TrainConfig = field(repr=False)  #: the configuration it was trained with
+    steps_done: int = 0  #: Adam steps behind these weights, those of a resumed run included
+    optimizer_state: dict[str, Any] | None = field(default=None, repr=False)  #: Adam's state_dict (CPU), for ``train(resume=...)``
 
     def weights(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Seed s's ``(Wa (q, d), Wb (q, d), Wc (d, q))``."""
@@ -232,10 +234,50 @@ def _log_steps(config: TrainConfig) -> set[int]:
     return set(range(0, config.steps + 1, config.log_every)) | {config.steps}
 
 
-def _finish(params, mask, hist, elapsed, config) -> TrainResult:
+def _finish(params, mask, hist, elapsed, config, steps_done=None, opt=None) -> TrainResult:
     history = {k: np.asarray(v) for k, v in hist.items()}
     Wa, Wb, Wc = (p.detach().to(device="cpu", dtype=torch.float64).clone() for p in params)
-    return TrainResult(Wa=Wa, Wb=Wb, Wc=Wc, mask=mask.cpu(), history=history, elapsed_s=elapsed, config=config)
+    state = None
+    if opt is not None:
+        state = opt.state_dict()
+        for st in state["state"].values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    st[k] = v.detach().to("cpu").clone()
+    return TrainResult(
+        Wa=Wa, Wb=Wb, Wc=Wc, mask=mask.cpu(), history=history, elapsed_s=elapsed, config=config,
+        steps_done=config.steps if steps_done is None else steps_done, optimizer_state=state,
+    )
+
+
+def _start_weights(config: TrainConfig, init: Any, resume: TrainResult | None) -> tuple[torch.Tensor, ...]:
+    """The starting ``(Wa, Wb, Wc)`` on the config's device and dtype: init, resume or fresh."""
+    S, q, d = config.seeds, config.q, config.d
+    if init is not None and resume is not None:
+        raise ValueError("pass at most one of init and resume, got both")
+    if resume is not None:
+        if not isinstance(resume, TrainResult):
+            raise TypeError(f"resume must be a TrainResult of an earlier train(), got {type(resume).__name__}")
+        if resume.optimizer_state is None:
+            raise ValueError("resume has no optimizer_state: it did not come from train()")
+        init = (resume.Wa, resume.Wb, resume.Wc)
+    if init is None:
+        return init_weights(config)
+    if not isinstance(init, (tuple, list)) or len(init) != 3:
+        raise TypeError(f"init must be a tuple (Wa, Wb, Wc), got {type(init).__name__}")
+    out = []
+    for name, w, shape in zip(("Wa", "Wb", "Wc"), init, ((S, q, d), (S, q, d), (S, d, q))):
+        if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+            raise TypeError(f"init {name} must be a real floating torch.Tensor, got {type(w).__name__}")
+        if tuple(w.shape) != shape:
+            what = "resume" if resume is not None else "init"
+            raise ValueError(
+                f"{what} {name} has shape {tuple(w.shape)}, the config needs (seeds, q, d) = {shape}"
+                if name != "Wc" else
+                f"{what} {name} has shape {tuple(w.shape)}, the config needs (seeds, d, q) = {shape}"
+            )
+        out.append(w.detach().to(device=config.device, dtype=config.dtype).clone())
+    return tuple(out)
 
 
 def _resolve_config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -248,33 +290,71 @@ def _resolve_config(config: TrainConfig | None, overrides: dict[str, Any]) -> Tr
     return config
 
 
-def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    init: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    resume: TrainResult | None = None,
+    callback: Callback | None = None,
+    callback_every: int | None = None,
+    **overrides: Any,
+) -> TrainResult:
     """Train ``config.seeds`` networks at once; ``train(d=7, steps=200)`` overrides fields.
 
     Full batch, ``torch.optim.Adam(lr, weight_decay)`` on the sum of the seeds' losses,
     gradients in closed form (:func:`mini.cogo.kernel.fused_loss_and_grads`).
 
+    - ``init``: start from these weights, ``Wa, Wb`` (S, q, d) and ``Wc`` (S, d, q), instead of
+      :func:`init_weights` (the split is still :func:`make_masks`'s).
+    - ``resume``: a :class:`TrainResult` of an earlier call; its weights, Adam state and split
+      carry on for ``config.steps`` more steps (step numbers continue from its ``steps_done``).
+      Training N steps, then resuming for M, gives the same weights as N + M steps at once.
+    - ``callback(step, Wa, Wb, Wc)``: called with the current weights (read-only views on the
+      training device) at step 0 and every ``callback_every`` steps (default ``log_every``),
+      and after the last step; e.g. to record how the potentials evolve.
+
     Explained in :doc:`/labs/cogo/gd_solutions`.
     """
     config = _resolve_config(config, overrides)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    every = config.log_every if callback_every is None else callback_every
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"callback_every must be an integer >= 1, got {callback_every!r}")
     device = torch.device(config.device)
     backend = config.backend
     if backend == "auto" and config.dtype != torch.float32:
         backend = "reference"  # the kernel is float32-only
-    Wa, Wb, Wc = init_weights(config)
-    mask_bool = make_masks(config).to(device)
+    Wa, Wb, Wc = _start_weights(config, init, resume)
+    offset = 0 if resume is None else int(resume.steps_done)
+    if resume is not None:
+        mask_bool = resume.mask.to(device=device, dtype=torch.bool)
+    else:
+        mask_bool = make_masks(config).to(device)
     mask = mask_bool.to(config.dtype)  # (S, d, d)
     params = [torch.nn.Parameter(w) for w in (Wa, Wb, Wc)]
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if resume is not None:
+        state = resume.optimizer_state
+        opt.load_state_dict(state)
+        for group in opt.param_groups:  # this config's hyper-parameters, not the earlier run's
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
     log_at = _log_steps(config)
     hist: dict[str, list[Any]] = {"step": [], "train_loss": [], "train_acc": [], "test_acc": []}
 
     def log(step: int) -> None:
         ev = evaluate(params[0].detach(), params[1].detach(), params[2].detach(), mask_bool)
-        hist["step"].append(step)
+        hist["step"].append(offset + step)
         for k in ("train_loss", "train_acc", "test_acc"):
             hist[k].append(ev[k])
         bar.set_postfix(loss=f"{float(np.mean(ev['train_loss'])):.3g}", acc=f"{float(np.mean(ev['train_acc'])):.3f}", refresh=False)
+
+    def call(step: int) -> None:
+        if callback is not None:
+            callback(offset + step, *(p.detach() for p in params))
 
     bar = _progress(config.steps, config.progress, f"cogo d={config.d} q={config.q} S={config.seeds}")
     t0 = time.perf_counter()
@@ -282,6 +362,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
         for step in range(config.steps):
             if step in log_at:
                 log(step)
+            if step % every == 0:
+                call(step)
             _, dWa, dWb, dWc = fused_loss_and_grads(
                 params[0].detach(), params[1].detach(), params[2].detach(), mask,
                 backend=backend, validate=(step == 0),
@@ -291,12 +373,13 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
             opt.step()
             bar.update(1)
         log(config.steps)
+        call(config.steps)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0
-    return _finish(params, mask_bool, hist, elapsed, config)
+    return _finish(params, mask_bool, hist, elapsed, config, steps_done=offset + config.steps, opt=opt)
 
 
 def train_per_seed_autograd(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
