@@ -1,22 +1,28 @@
 """Time one training step of Part I's network (mini.cogo): batched closed form vs the paper's loop.
 
 (a) CPU (always): the trainer's step (closed-form gradients of S seeds at once,
-    ``loss_and_grads_reference``, + one Adam step) vs the paper-style loop (one seed at a time,
-    nn.Linear on one-hot inputs, autograd, Adam), at d = 23, q = 512, for S = 1 and S = 5.
+    ``loss_and_grads_reference`` into reused buffers, + one fused Adam step) and the reference
+    alone, vs the paper-style loop (one seed at a time, nn.Linear on one-hot inputs, autograd,
+    Adam), at the labs' size (S = 10, d = 11, q = 128) and the paper's (d = 23, q = 512, S = 1
+    and 5), on 1 and 2 torch threads. Times are medians on a machine others may share: a busy
+    core slows the 2-thread cases several-fold (OpenMP threads wait on each other).
 (b) GPU (when CUDA is available): ``fused_loss_and_grads`` on the compiled Triton kernel vs the
     PyTorch reference vs ``torch.compile`` of the reference, with GB/s and TFLOP/s from
     ``mini.cogo.kernel.work_counts`` next to the measured ceiling.
 
 Writes bench/results/cogo_step.json through mini.kernels.bench. ``--quick`` runs the smallest
-case only, for checking the script.
+case only, for checking the script. ``--before FILE`` copies the CPU rows of an earlier record
+(e.g. one written before a change) into this one as ``cpu_rows_before``.
 
-    python bench/cogo_step.py [--quick] [--threads N]
+    python bench/cogo_step.py [--quick] [--threads 1,2] [--before FILE]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,18 +38,43 @@ def _state(S: int, q: int, d: int, device: str):
     return cfg, Wa, Wb, Wc, mask
 
 
+CPU_SIZES = [(10, 128, 11), (1, 512, 23), (5, 512, 23)]  # (S, q, d): the labs', the paper's
+
+
 def batched_step_fn(S: int, q: int, d: int, device: str = "cpu", backend: str = "reference"):
+    """One step as ``mini.cogo.train`` takes it (on a CPU: reused buffers, fused Adam)."""
     cfg, Wa, Wb, Wc, mask = _state(S, q, d, device)
     params = [torch.nn.Parameter(w) for w in (Wa, Wb, Wc)]
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cpu = torch.device(device).type == "cpu"
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if cpu else None)
+    weights = [p.detach() for p in params]
+    if backend == "reference":
+        grads = (torch.empty(S, device=device), *(torch.empty_like(w) for w in weights))
+        for p, g in zip(params, grads[1:]):
+            p.grad = g
+        workspace: dict = {}
+
+        def step():
+            loss_and_grads_reference(*weights, mask, out=grads, validate=False, workspace=workspace)
+            opt.step()
+
+        return step
 
     def step():
-        _, *grads = fused_loss_and_grads(*(p.detach() for p in params), mask, backend=backend, validate=False)
+        _, *grads = fused_loss_and_grads(*weights, mask, backend=backend, validate=False)
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
 
     return step
+
+
+def reference_fn(S: int, q: int, d: int, device: str = "cpu"):
+    """The closed-form gradients alone, as the trainer calls them on a CPU."""
+    _, Wa, Wb, Wc, mask = _state(S, q, d, device)
+    out = (torch.empty(S, device=device), torch.empty_like(Wa), torch.empty_like(Wb), torch.empty_like(Wc))
+    workspace: dict = {}
+    return lambda: loss_and_grads_reference(Wa, Wb, Wc, mask, out=out, validate=False, workspace=workspace)
 
 
 def autograd_step_fn(S: int, q: int, d: int, device: str = "cpu"):
@@ -74,17 +105,24 @@ def autograd_step_fn(S: int, q: int, d: int, device: str = "cpu"):
     return step
 
 
-def cpu_part(quick: bool) -> list[dict]:
+def cpu_part(quick: bool, threads: list[int]) -> list[dict]:
     rows = []
-    d, q = 23, 512
-    for S in ([1] if quick else [1, 5]):
-        kw = dict(warmup=1 if quick else 3, rep=3 if quick else 20, min_time_s=0.0 if quick else 1.0)
-        t_batched = bench.time_op(batched_step_fn(S, q, d), device="cpu", **kw)
-        t_auto = bench.time_op(autograd_step_fn(S, q, d), device="cpu", **kw)
-        rows.append({"S": S, "q": q, "d": d, "batched_closed_form_ms": t_batched,
-                     "per_seed_autograd_ms": t_auto, "speedup": t_auto / t_batched})
-        print(f"[cpu] S={S} q={q} d={d}: batched closed form {t_batched:.2f} ms/step, "
-              f"per-seed autograd {t_auto:.2f} ms/step ({t_auto / t_batched:.1f}x)", flush=True)
+    before = torch.get_num_threads()
+    try:
+        for th in threads:
+            torch.set_num_threads(th)
+            for S, q, d in ([(1, 512, 23)] if quick else CPU_SIZES):
+                kw = dict(warmup=1 if quick else 5, rep=3 if quick else 30, min_time_s=0.0 if quick else 1.5)
+                t_batched = bench.time_op(batched_step_fn(S, q, d), device="cpu", **kw)
+                t_ref = bench.time_op(reference_fn(S, q, d), device="cpu", **kw)
+                t_auto = bench.time_op(autograd_step_fn(S, q, d), device="cpu", **kw)
+                rows.append({"threads": th, "S": S, "q": q, "d": d, "batched_closed_form_ms": t_batched,
+                             "reference_ms": t_ref, "per_seed_autograd_ms": t_auto, "speedup": t_auto / t_batched})
+                print(f"[cpu] threads={th} S={S} q={q} d={d}: batched closed form {t_batched:.2f} ms/step "
+                      f"(gradients {t_ref:.2f}), per-seed autograd {t_auto:.2f} ms/step "
+                      f"({t_auto / t_batched:.1f}x)", flush=True)
+    finally:
+        torch.set_num_threads(before)
     return rows
 
 
@@ -125,12 +163,20 @@ def gpu_part(quick: bool) -> tuple[dict, list[dict]]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smallest case only (checks the script)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", default="1,2", help="torch CPU thread counts of the CPU part (default 1,2)")
+    ap.add_argument("--before", default=None, help="an earlier cogo_step.json whose cpu_rows to keep")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        threads = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1:
+        ap.error(f"--threads must be positive integers separated by commas, got {args.threads!r}")
     t0 = time.perf_counter()
-    record: dict = {"quick": args.quick, "cpu_rows": cpu_part(args.quick)}
+    record: dict = {"quick": args.quick, "cpu_rows": cpu_part(args.quick, threads)}
+    if args.before:
+        earlier = json.loads(Path(args.before).read_text())
+        record["cpu_rows_before"] = {"written_utc": earlier.get("written_utc"), "rows": earlier.get("cpu_rows")}
     device = "cpu"
     if torch.cuda.is_available():
         device = "cuda"
