@@ -272,7 +272,7 @@ def test_semiring_errors():
         sr.add(rand_weights(2, 5), rand_weights(2, 7))
     with pytest.raises(TypeError, match="x must be a triple"):
         sr.mul(torch.zeros(3), rand_weights(2, 5))
-    with pytest.raises(TypeError, match="lam must be a finite real"):
+    with pytest.raises(TypeError, match="kappa must be a finite real"):
         sr.scale(rand_weights(2, 5), 1j)
 
 

@@ -15,8 +15,10 @@ Partial solutions, coefficients at +k (−k gets the conjugates, every other fre
     syn_ab   3      [1, αω₃, βω₃²]    [1, ᾱω₃, β̄ω₃²]     [1, ω₃, ω₃²]    abc̄, āb̄c, R_n
     xi       2      [1, ξ]            [1, −iξ̄]           [1, i]          abc̄, āb̄c (not R_n)
 
-Global constructions (odd d >= 3, blocks on k = 1 … (d−1)/2, each block scaled by λ with
-``λ³ Σabc = 1/(2d)`` so that ``r̃_kkk = 1``; built with :mod:`mini.cogo.semiring`):
+Global constructions (odd d >= 3, blocks on k = 1 … (d−1)/2; each block's potentials are
+multiplied by the block scale κ with ``κ Σabc = 1/(2d)``, i.e. its weights by ``κ^{1/3}``
+(:func:`mini.cogo.semiring.scale`), so that ``r̃_kkk = 1``; κ is not the weight decay λ;
+built with :mod:`mini.cogo.semiring`):
 
 - ``"F6"``: Σ_k z_ν·z_syn, 3(d−1) nodes, ν = e^{iπ/3} by default (any unit ν works; we avoid
   ν = ±i, which is z_4c, and ν = e^{±iπ/4}, e^{±3iπ/4}, whose c-ratio −ν⁻² = ±i reads as z_ξ).
@@ -24,7 +26,8 @@ Global constructions (odd d >= 3, blocks on k = 1 … (d−1)/2, each block scal
 - ``"F6_ab"``: Σ_k z_4c·z_syn,αβ, 3(d−1) nodes, α = e^{0.5i}, β = e^{−i} by default. Zero loss.
 - ``"F4"``: Σ_k z_4c·z_ξ, 2(d−1) nodes, ξ = e^{iπ/6} by default (generic: at ξ = e^{iπ/4}, z_ξ
   coincides with z_ν at ν = e^{iπ/4}, since then −iξ̄ = −ξ and −ξ⁻² = i). NOT global: everything vanishes except R_n.
-  Per node ``|a| = |b| = λ`` and ``Σ_nodes c = λ(1+1)(1+i)``, so ``Σ(|a|²+|b|²)c = 4λ³(1+i) = (1+i)/(2d)``
+  Per node ``|a| = |b| = κ^{1/3}`` and ``Σ_nodes c = κ^{1/3}(1+1)(1+i)``, so
+  ``Σ(|a|²+|b|²)c = 4κ(1+i) = (1+i)/(2d)``
   and the m = 0 term is S̃ = 2d·2·(1+i)/(2d) = 2(1+i), ``¼|S̃|² = 2``. Hence ℓ_k = −2 + 1 + 2 = 1 for
   every k ≠ 0 and ``ℓ = (d−1)/d + (d−1)/d = 2(d−1)/d``, twice the zero network's (d−1)/d.
 - ``"F4/6"``: order-4 blocks z_4c·z_ξ on every k ≠ k0 ((d−3)/2 of them) and one order-6 block
@@ -33,7 +36,7 @@ Global constructions (odd d >= 3, blocks on k = 1 … (d−1)/2, each block scal
   v ∈ {ab, āb, ab̄, āb̄, a², b², ā², b̄²} (coefficients at k0) vanish, so no off-diagonal r̃ or
   ``R*`` term appears at output k; and ``Σ_j (|a_j|²+|b_j|²) x_j = −Σ_{block k}(|a|²+|b|²)c``
   cancels the order-4 block's R_n residual. For z_ν·z_syn the first 8 forms span
-  C²⊗s ⊕ C²⊗s̄ ⊕ [1,−1]⊗1 (s = [1, ω₃, ω₃²]) while ``|a|²+|b|² = 2λ²·1``, so the solution is a
+  C²⊗s ⊕ C²⊗s̄ ⊕ [1,−1]⊗1 (s = [1, ω₃, ω₃²]) while ``|a|²+|b|² = 2κ^{2/3}·1``, so the solution is a
   constant over the 6 nodes. 2d nodes, zero loss. At d = 3 there is no other frequency: F4/6
   is then the single order-6 block, i.e. F6 (6 = 2d nodes); we return it and say so here.
 - :func:`memorization`: d² nodes, node (a0, b0) reads ``[a = a0] + [b = b0]`` and writes
@@ -168,7 +171,7 @@ def _sum_abc(x: Weights, k: int) -> complex:
 
 
 def _block(d: int, k: int, n1: str, n2: str, params: dict[str, Any]) -> Weights:
-    """z_{n1}·z_{n2} on frequency ±k, scaled so that r̃_kkk = 1 (λ³ Σabc = 1/(2d))."""
+    """z_{n1}·z_{n2} on frequency ±k, scaled so that r̃_kkk = 1 (block scale κ Σabc = 1/(2d))."""
     p1 = {key: params[key] for key in _PARAMS[n1]}
     p2 = {key: params[key] for key in _PARAMS[n2]}
     x = mul(partial(n1, d, k, **p1), partial(n2, d, k, **p2))
