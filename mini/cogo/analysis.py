@@ -54,6 +54,11 @@ factorize_sol.py at e76471a):
    4c·syn, as the official tally does), "other" (factorable, unnamed), "not factorable", and
    "order n" for blocks whose order is not 4 or 6.
 
+Summaries over many analyses, for the lab's tables and figures: :func:`off_frequency_energy`
+(the share of a block's output-weight energy at other frequencies: a bias channel's signature),
+:func:`factor_parameters` (the parameters ν, ξ, α, β that the paper's Fig. 5 histograms),
+:func:`factorization_errors` and :func:`factorization_table` (the paper's Table 2).
+
 Differences from the official code: the official search permutes nodes to match only the c-row
 ratios and then fixes signs with a 0.2 threshold; we minimise the full 3-row ratio error jointly
 over pairings, orientations and sign flips (never worse, and deterministic). We also report
@@ -90,6 +95,10 @@ __all__ = [
     "analyze",
     "analyze_batch",
     "pooled_summary",
+    "off_frequency_energy",
+    "factor_parameters",
+    "factorization_errors",
+    "factorization_table",
 ]
 
 NAMED_TYPES = ("4c·xi", "nu·syn", "4c·syn_ab")
@@ -218,9 +227,9 @@ def _cube_root_normalise(A: np.ndarray) -> np.ndarray:
 
 
 def classify_factor(A: np.ndarray, tol: float = 0.1) -> tuple[str, dict[str, complex]]:
-    """Name a 2- or 3-node factor ``A`` (3 × n, first column ones): see the module docstring.
+    """Name a 2- or 3-node factor ``A`` (3 × n, first column ones); see the module doc.
 
-    Returns ``(name, params)`` with name in {"xi", "4c", "nu", "syn", "syn_ab", "unknown"}.
+    Returns ``(name, params)``, name in {"xi", "4c", "nu", "syn", "syn_ab", "unknown"}.
 
     Explained in :doc:`/labs/cogo/gd_solutions`.
     """
@@ -249,7 +258,8 @@ def classify_factor(A: np.ndarray, tol: float = 0.1) -> tuple[str, dict[str, com
             and np.linalg.norm(A[:, 2] - w.conjugate()) < tol * math.sqrt(3)):
         return "syn", {}
     if abs(A[2, 1] - w) < tol and abs(A[2, 2] - w.conjugate()) < tol:
-        return "syn_ab", {"alpha": complex(A[0, 1] / w), "beta": complex(A[0, 2] / w.conjugate())}
+        alpha, beta = complex(A[0, 1] / w), complex(A[0, 2] / w.conjugate())
+        return "syn_ab", {"alpha": alpha, "beta": beta}
     return "unknown", {}
 
 
@@ -264,11 +274,11 @@ def _matchings(items: tuple[int, ...]) -> list[list[tuple[int, int]]]:
     return out
 
 
-def _candidates(F: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """Errors of every (pairing, orientation, sign) candidate, ascending, and a lazy factor builder."""
+def _candidates(F: np.ndarray) -> tuple[np.ndarray, list[tuple[int, Any]]]:
+    """Errors of all (pairing, orientation, sign) candidates, ascending; builders."""
     F = np.asarray(F, dtype=np.complex128)
     if F.ndim != 2 or F.shape[0] != 3 or F.shape[1] < 2 or F.shape[1] % 2:
-        raise ValueError(f"F must have shape (3, q) with q even and >= 2, got {F.shape}")
+        raise ValueError(f"F must have shape (3, q), q even >= 2, got {F.shape}")
     q = F.shape[1]
     h = q // 2
     firsts, seconds = [], []
@@ -280,8 +290,9 @@ def _candidates(F: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.nd
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = F[:, se] / F[:, fi]  # (3, M, h)
         signs = np.array(list(itertools.product((1.0, -1.0), repeat=h)))  # (S, h)
-        rs = np.broadcast_to(ratio[:, :, None, :], (3, ratio.shape[1], len(signs), h)).copy()
-        rs[:2] *= signs[None, None]  # flip rho_a, rho_b per pair: (a, b, c) -> (-a, -b, c)
+        shape = (3, ratio.shape[1], len(signs), h)
+        rs = np.broadcast_to(ratio[:, :, None, :], shape).copy()  # (3, M, S, h)
+        rs[:2] *= signs[None, None]  # flip rho_a, rho_b: (a, b, c) -> (-a, -b, c)
         dev = rs - rs.mean(axis=-1, keepdims=True)
         err = np.sqrt((np.abs(dev) ** 2).sum(axis=(0, 3)))  # (M, S)
     err = np.where(np.isfinite(err), err, np.inf).ravel()
@@ -444,3 +455,130 @@ def pooled_summary(analyses: list[Analysis]) -> dict[str, Any]:
         "share_factorable_46": f46 / n46 if n46 else float("nan"),
         "share_named": named / live if live else float("nan"),
     }
+
+
+def _as_analyses(analyses: Any) -> list[Analysis]:
+    if isinstance(analyses, Analysis):
+        return [analyses]
+    if (isinstance(analyses, (str, bytes)) or not hasattr(analyses, "__iter__")):
+        raise TypeError(f"analyses must be an Analysis or a list of them, got {type(analyses).__name__}")
+    out = list(analyses)
+    if not out or not all(isinstance(a, Analysis) for a in out):
+        raise TypeError("analyses must be an Analysis or a non-empty list of Analysis")
+    return out
+
+
+def off_frequency_energy(Wc: Any, analysis: Analysis) -> dict[int, float]:
+    """Share of each block's output-weight energy that lies at frequencies other than its own.
+
+    ``Wc`` (d, q) is the output layer of the network that ``analysis`` (:func:`analyze`) read.
+    For each frequency k with live nodes J_k, by Parseval ``Σ_g Wc[g, j]² = d Σ_{k'} |z_{c,k',j}|²``;
+    the share is ``1 − Σ_{j∈J_k} (|z_{c,k,j}|² + |z_{c,−k,j}|²) / Σ_{j∈J_k} Σ_{k'} |z_{c,k',j}|²``
+    (frequency 0 counts as another frequency). A block that lives on ±k only, such as every
+    block of ``F6`` and the order-4 blocks of ``F4/6``, has share 0; the order-6 block of
+    ``F4/6`` is a bias channel with output coefficients at every other frequency. Returns
+    ``{k: share}`` for every k = 1 … (d−1)/2 with at least one live node.
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
+    if not isinstance(analysis, Analysis):
+        raise TypeError(f"analysis must be an Analysis (from analyze), got {type(analysis).__name__}")
+    if isinstance(Wc, np.ndarray):
+        Wc = torch.from_numpy(np.asarray(Wc, dtype=np.float64))
+    if not isinstance(Wc, torch.Tensor):
+        raise TypeError(f"Wc must be a torch.Tensor or numpy.ndarray, got {type(Wc).__name__}")
+    if tuple(Wc.shape) != (analysis.d, analysis.q):
+        raise ValueError(
+            f"Wc must have shape (d, q) = ({analysis.d}, {analysis.q}) of the analysed network, "
+            f"got {tuple(Wc.shape)}"
+        )
+    W = Wc.detach().cpu().to(torch.float64).numpy()  # (d, q)
+    power = np.abs(np.fft.fft(W, axis=0)) ** 2  # (d, q): |d·z_{c,∓k',j}|², both signs present
+    d = analysis.d
+    out = {}
+    for k in range(1, (d - 1) // 2 + 1):
+        idx = [j for j, kk in enumerate(analysis.assignment) if kk == k]
+        if not idx:
+            continue
+        total = float(power[:, idx].sum())
+        own = float(power[[k, d - k]][:, idx].sum())
+        out[k] = max(0.0, 1.0 - own / total) if total > 0 else float("nan")
+    return out
+
+
+def factor_parameters(analyses: Analysis | list[Analysis]) -> dict[str, np.ndarray]:
+    """The parameters of the named factors over every block, as the paper's Fig. 5 histograms them.
+
+    Following the official script (``factorize_sol.py`` lines 298–415 at e76471a), after the
+    cube-root normalisation of :func:`classify_factor`:
+
+    - ``"xi"``: ξ of every ``4c·xi`` block (z_{ν=i} · z_ξ);
+    - ``"nu"``: ν of every ``nu·syn`` block and of every ``4c·syn`` block (ν ≈ ±i there);
+    - ``"alpha"``, ``"beta"``: α and β of every ``4c·syn_ab`` block whose 3-node factor is
+      z_{syn,αβ}, and 1 for those whose factor is z_syn itself (the official script counts
+      those as angle 0). Our β divides by ω̄₃ (the official by ω₃, see the module docstring).
+
+    Values are complex (their angles are what the paper plots; their moduli should be near 1).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
+    out: dict[str, list[complex]] = {"xi": [], "nu": [], "alpha": [], "beta": []}
+    for a in _as_analyses(analyses):
+        for k, t in a.types.items():
+            p = a.params.get(k)
+            if p is None:
+                continue
+            if t == "4c·xi":
+                out["xi"].append(p["xi"])
+            elif t == "nu·syn" or (t == "4c·syn_ab" and p["factors"] == ("4c", "syn")):
+                out["nu"].append(p["nu"])
+            if t == "4c·syn_ab":
+                out["alpha"].append(p.get("alpha", 1.0 + 0j))
+                out["beta"].append(p.get("beta", 1.0 + 0j))
+    return {n: np.array(v, dtype=np.complex128) for n, v in out.items()}
+
+
+def factorization_errors(analyses: Analysis | list[Analysis], order: int) -> np.ndarray:
+    """Factorization errors of every order-``order`` block, divided by ``√(3 q_k)``.
+
+    On that scale the factorable cut is ``factor_tol`` (0.1, the official) for both orders. For
+    a factorable block the error is that of the factorization it was named by, for the others
+    the smallest one found (:attr:`Analysis.errors`).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
+    if order not in (4, 6):
+        raise ValueError(f"order must be 4 or 6, got {order!r}")
+    errs = [e for a in _as_analyses(analyses) for k, e in a.errors.items() if a.orders[k] == order]
+    return np.array(errs, dtype=np.float64) / math.sqrt(3 * order)
+
+
+def factorization_table(analyses: Analysis | list[Analysis]) -> dict[str, float]:
+    """The quantities of the paper's Table 2 for a pool of networks (e.g. one batch of seeds).
+
+    As the official script computes them (``factorize_sol.py`` lines 240–270 at e76471a):
+    per order 4 and 6, the number of blocks (``n_4``, ``n_6``), the share of them that does
+    not factor (``non_factorable_4``, ``_6``) and the mean error of those that do (``err_4``,
+    ``err_6``, unnormalised as the official prints them); among all factorable order-4/6 blocks,
+    the shares of each type (``4c·xi``, ``nu·syn``, ``4c·syn_ab``, ``other``); and
+    ``non_46``: frequencies per network whose order is neither 4 nor 6 (empty ones included).
+    Counts and shares are pooled over the networks (the official averages per seed).
+
+    Explained in :doc:`/labs/cogo/gd_solutions`.
+    """
+    an = _as_analyses(analyses)
+    row: dict[str, float] = {}
+    fact: Counter = Counter()
+    for q in (4, 6):
+        blocks = [(a, k) for a in an for k, o in a.orders.items() if o == q]
+        nf = [(a, k) for a, k in blocks if a.types[k] == "not factorable"]
+        ok = [(a, k) for a, k in blocks if a.types[k] != "not factorable"]
+        fact.update(a.types[k] for a, k in ok)
+        row[f"n_{q}"] = len(blocks)
+        row[f"non_factorable_{q}"] = len(nf) / len(blocks) if blocks else float("nan")
+        row[f"err_{q}"] = float(np.mean([a.errors[k] for a, k in ok])) if ok else float("nan")
+    n_fact = sum(fact.values())
+    for t in (*NAMED_TYPES, "other"):
+        row[t] = fact.get(t, 0) / n_fact if n_fact else float("nan")
+    row["non_46"] = float(np.mean([sum(o not in (4, 6) for o in a.orders.values()) for a in an]))
+    return row
