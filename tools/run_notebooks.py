@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs must be a positive integer, got {args.jobs}")
+    if args.out is not None:
+        args.out = args.out.resolve()  # jupyter runs in the copy's folder: a relative path breaks
     paths = [p.resolve() for p in args.paths] or notebooks()
     missing = [str(p) for p in paths if not p.exists()]
     if missing:

@@ -74,3 +74,13 @@ __all__ = [
     "TrainConfig", "TrainResult", "train", "evaluate", "init_weights", "make_masks",
     "fused_loss_and_grads", "loss_and_grads_reference",
 ]
+
+# per-node purity and layer balance (the weight-decay lab)
+from .nodes import balance_ratio, layer_norms, node_energy, node_purity
+
+__all__ += ["node_energy", "node_purity", "layer_norms", "balance_ratio"]
+
+# width sweeps and trajectories of the potentials during training (the dynamics lab)
+from .dynamics import PotentialRecorder, WidthSweep, frequency_orders, settle_steps, width_sweep
+
+__all__ += ["PotentialRecorder", "WidthSweep", "width_sweep", "frequency_orders", "settle_steps"]
