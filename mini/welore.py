@@ -43,6 +43,12 @@ trainable ``ΔW = B A`` (``B = 0`` at start) to a frozen dense ``W``, an LRC *re
 rank-k truncation: the discarded part ``W − W_k`` is gone, the factors start at the SVD (not at
 zero), and training them moves the layer within rank k, with fewer parameters than ``W`` itself.
 
+**Saving and loading.** :func:`save_compressed` writes a directory that :func:`load_pretrained`
+reads back bit for bit and that transformers' ``from_pretrained`` refuses with an error naming
+:func:`load_pretrained` (a plain ``save_pretrained`` directory reopened with ``from_pretrained``
+re-initialises every LRC at random); :func:`load_compressed` loads a compressed state dict into
+a fresh uncompressed model of the same config.
+
 **What differs from the official code, and why.**
 
 - **τ by bisection, not a lookup table.** The official scripts read τ from per-model tables keyed
@@ -83,8 +89,10 @@ zero), and training them moves the layer within rank k, with fewer parameters th
   more (largest remainders first, Hamilton's method), so the total is ``round(ρ Σ r)``: the
   comparison with WeLore is at equal total rank.
 - **Precision and devices.** SVDs run in float32 (float64 for a float64 model) on the weight's
-  device and are cached in :class:`Spectra`, so a sweep over targets computes them once; the
-  factors are cast to the weight's dtype. The official code hard-codes ``cuda:0``, bfloat16 and
+  device; :func:`analyze_spectra` caches them in :class:`Spectra`, so a sweep over targets
+  computes them once; the factors are cast to the weight's dtype. :func:`compress` without
+  ``spectra`` keeps singular values only and factorises one matrix at a time (caching every
+  factor costs about 3× the bf16 weights: 41 GB at 7B). The official code hard-codes ``cuda:0``, bfloat16 and
   absolute paths.
 - **Fine-tuning set.** :func:`freeze_for_lrc_finetuning` trains the LRC factors only; the official
   continual fine-tuning script also leaves the RMSNorm weights trainable (it freezes only the
@@ -97,7 +105,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -129,6 +137,8 @@ __all__ = [
     "lrc_ranks",
     "merge_lrcs",
     "load_compressed",
+    "save_compressed",
+    "load_pretrained",
     "METHODS",
     "NLRC_MODES",
 ]
@@ -165,6 +175,23 @@ def _check_spectra(spectra: Any) -> "Spectra":
     if not isinstance(spectra, Spectra):
         raise TypeError(f"spectra must be a Spectra (from analyze_spectra), got {type(spectra).__name__}")
     return spectra
+
+
+def _as_spectra(spectra: Any) -> "Spectra":
+    """A :class:`Spectra`, or one built from a mapping ``name → s`` or a sequence of ``s`` (named "0", "1", …)."""
+    if isinstance(spectra, Spectra):
+        return spectra
+    allowed = ("spectra must be a Spectra (from analyze_spectra), a mapping name -> 1-D tensor of singular "
+               "values, or a non-empty sequence of such tensors")
+    if isinstance(spectra, Mapping):
+        if not spectra:
+            raise ValueError(f"{allowed}; got an empty mapping")
+        return Spectra.from_singular_values(spectra)
+    if isinstance(spectra, Sequence) and not isinstance(spectra, (str, bytes)):
+        if not spectra:
+            raise ValueError(f"{allowed}; got an empty {type(spectra).__name__}")
+        return Spectra.from_singular_values({str(i): s for i, s in enumerate(spectra)})
+    raise TypeError(f"{allowed}; got {type(spectra).__name__}")
 
 
 # ----------------------------------------------------------------------------- spectra
@@ -303,7 +330,11 @@ class Spectra:
         out = []
         for name, s in values.items():
             if not isinstance(s, Tensor):
-                s = torch.as_tensor(s)
+                try:
+                    s = torch.as_tensor(s)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"values[{name!r}] must be a 1-D tensor of singular values, got "
+                                    f"{type(s).__name__}") from None
             if s.ndim != 1:
                 raise ValueError(
                     f"values[{name!r}] must be a 1-D tensor of singular values, got shape {tuple(s.shape)}"
@@ -405,22 +436,27 @@ def analyze_spectra(
 
 
 # ----------------------------------------------------------------------------- thresholds
-def pruned_ranks(spectra: Spectra, tau: float) -> dict[str, int]:
+def pruned_ranks(spectra: Spectra | Mapping[str, Tensor] | Sequence[Tensor], tau: float) -> dict[str, int]:
     """Equation (3) for every matrix: ``name → k_pruned(τ)``.
+
+    ``spectra``: a :class:`Spectra`, a mapping ``name → s`` or a sequence of ``s`` (named "0", "1", …).
 
     Explained in :doc:`/book/welore/theory`.
     """
-    _check_spectra(spectra)
+    spectra = _as_spectra(spectra)
     tau = _check_tau(tau)
     return {m.name: m.pruned(tau) for m in spectra}
 
 
-def effective_rank_reduction(spectra: Spectra, tau: float) -> float:
+def effective_rank_reduction(spectra: Spectra | Mapping[str, Tensor] | Sequence[Tensor], tau: float) -> float:
     """Equation (4): ``ρ(τ) = Σ k_pruned / Σ r``, non-decreasing in τ, 0 at τ = 0.
+
+    ``spectra`` as in :func:`pruned_ranks`.
 
     Explained in :doc:`/book/welore/theory`.
     """
-    return sum(pruned_ranks(spectra, tau).values()) / _check_spectra(spectra).total_rank
+    spectra = _as_spectra(spectra)
+    return sum(pruned_ranks(spectra, tau).values()) / spectra.total_rank
 
 
 class Threshold(NamedTuple):
@@ -437,68 +473,105 @@ def _count_below(sorted_values: np.ndarray, tau: float) -> int:
     return int(np.searchsorted(sorted_values, tau, side="left"))  # #{s̃ < τ}
 
 
-def threshold_for_reduction(spectra: Spectra, target: float) -> Threshold:
-    """The one global τ whose reduction ρ(τ) of (4) is closest to ``target`` ∈ (0, 1).
+def _closest_level(values: np.ndarray, target: float, count: Callable[[float], int], total: int) -> float:
+    """τ whose level ``count(τ) / total`` is closest to ``target`` (the smaller on a tie).
 
-    Bisection on [0, 1] keeps ``ρ(lo) < target ≤ ρ(hi)`` until ``lo`` and ``hi`` are
-    adjacent floats, so they straddle one step of ρ; the closer of the two levels wins,
-    the smaller one on a tie (distances equal within 1e-12, so that 0.1 between 34/350
-    and 36/350 is a tie although the float 0.1 is slightly above one tenth). A target
-    above ρ(1) (every matrix keeps only its top direction, or its ties at the top)
-    returns τ = 1's level. The τ returned is moved to the middle of the interval of
-    thresholds that give the chosen level.
-
-    Explained in :doc:`/book/welore/theory`.
+    ``count`` is a non-decreasing step function of τ that changes only at the ascending
+    breakpoints ``values`` (it depends on τ through ``#{s̃ < τ}`` per matrix). Bisection on [0, 1]
+    keeps ``level(lo) < target ≤ level(hi)`` until ``lo`` and ``hi`` are adjacent floats; the τ
+    returned is the middle of the interval of thresholds that give the chosen level.
     """
-    _check_spectra(spectra)
-    target = _check_target(target)
-    values = spectra.sorted_normalized()  # ascending s̃ of every matrix
-    total = spectra.total_rank
-
-    def rho(t: float) -> float:
-        return _count_below(values, t) / total
+    def level(t: float) -> float:
+        return count(t) / total
 
     lo, hi = 0.0, 1.0
-    if rho(hi) < target:
+    if level(hi) < target:
         chosen = hi
     else:
-        # invariant: rho(lo) < target <= rho(hi); rho(0) = 0 < target
+        # invariant: level(lo) < target <= level(hi); level(0) = 0 < target
         while True:
             mid = 0.5 * (lo + hi)
             if mid <= lo or mid >= hi:
                 break
-            if rho(mid) < target:
+            if level(mid) < target:
                 lo = mid
             else:
                 hi = mid
-        below, above = rho(lo), rho(hi)
+        below, above = level(lo), level(hi)
         # the closer level wins; a tie (within rounding of the float target) goes to the
         # smaller one
         chosen = hi if (above - target) < (target - below) - _TIE_TOL else lo
-    count = _count_below(values, chosen)
-    # every τ in (values[count-1], values[count]] gives this count: take its middle
-    if count == 0:
-        tau = 0.0  # s̃ ≥ 0, so nothing is below 0
-    elif count == values.size:  # pragma: no cover - τ ≤ 1 and max s̃ = 1
-        tau = chosen
-    else:
-        a, b = float(values[count - 1]), float(values[count])
-        tau = 0.5 * (a + b)
-        if not a < tau <= b:  # a and b adjacent floats
-            tau = b
+    n_below = _count_below(values, chosen)
+    # every τ in (values[n-1], values[n]] gives this level: take its middle
+    if n_below == 0:
+        return 0.0  # s̃ ≥ 0, so nothing is below 0
+    if n_below == values.size:  # pragma: no cover - τ ≤ 1 and max s̃ = 1
+        return chosen
+    a, b = float(values[n_below - 1]), float(values[n_below])
+    tau = 0.5 * (a + b)
+    if not a < tau <= b:  # a and b adjacent floats
+        tau = b
+    return tau
+
+
+def threshold_for_reduction(
+    spectra: Spectra | Mapping[str, Tensor] | Sequence[Tensor], target: float
+) -> Threshold:
+    """The one global τ whose reduction ρ(τ) of (4) is closest to ``target`` ∈ (0, 1).
+
+    ``spectra``: a :class:`Spectra`, a mapping ``name → s`` (1-D singular values, any
+    order) or a sequence of ``s``. Bisection on [0, 1] keeps ``ρ(lo) < target ≤
+    ρ(hi)`` until ``lo`` and ``hi`` are adjacent floats, so they straddle one step of
+    ρ; the closer of the two levels wins, the smaller one on a tie (distances equal
+    within 1e-12, so that 0.1 between 34/350 and 36/350 is a tie although the float
+    0.1 is slightly above one tenth). A target above ρ(1) (every matrix keeps only its
+    top direction, or its ties at the top) returns τ = 1's level. The τ returned is
+    moved to the middle of the interval of thresholds that give the chosen level. This
+    is the *attempted* reduction; what :func:`compress` applies can be less (N-LRCs
+    keep their rank), see its ``exact_target``.
+
+    Explained in :doc:`/book/welore/theory`.
+    """
+    spectra = _as_spectra(spectra)
+    target = _check_target(target)
+    values = spectra.sorted_normalized()  # ascending s̃ of every matrix
+    total = spectra.total_rank
+    tau = _closest_level(values, target, lambda t: _count_below(values, t), total)
     return Threshold(tau=float(tau), achieved=_count_below(values, tau) / total)
 
 
-def uniform_pruned_ranks(spectra: Spectra, target: float) -> dict[str, int]:
+def _applied_threshold(spectra: Spectra, target: float, min_ratio: float | None, nlrc: str) -> float:
+    """τ whose *applied* reduction under :func:`compress`'s rule is closest to ``target``.
+
+    Applied: ``Σ k_pruned`` over the matrices that lose their pruned directions (the LRCs, and
+    with ``nlrc="truncate"`` every matrix) over ``Σ r``; non-decreasing in τ (a matrix's
+    ``k_pruned`` grows with τ, and once its factors pay off they keep paying off), constant
+    between breakpoints, so :func:`_closest_level` applies.
+    """
+    mats = [(np.sort(m.s_tilde), m.full_rank, m.shape) for m in spectra]
+
+    def count(t: float) -> int:
+        total = 0
+        for s_tilde, r, (m, n) in mats:
+            kp = _count_below(s_tilde, t)
+            if nlrc == "truncate" or (kp > 0 and (pays_off(r - kp, m, n) if min_ratio is None else kp / r > min_ratio)):
+                total += kp
+        return total
+
+    return _closest_level(spectra.sorted_normalized(), target, count, spectra.total_rank)
+
+
+def uniform_pruned_ranks(spectra: Spectra | Mapping[str, Tensor] | Sequence[Tensor], target: float) -> dict[str, int]:
     """The uniform baseline: remove the fraction ``target`` of every matrix's rank.
 
     Each matrix loses ``floor(target · r)`` directions or one more, the extra ones going to the
     largest remainders (model order on ties), so the total is ``round(target · Σ r)`` and the
     reduction matches WeLore's at equal total rank. At least one direction of each matrix is kept.
+    ``spectra`` as in :func:`pruned_ranks`.
 
     Explained in :doc:`/book/welore/theory`.
     """
-    _check_spectra(spectra)
+    spectra = _as_spectra(spectra)
     target = _check_target(target)
     ms = list(spectra)
     exact = [target * m.full_rank for m in ms]
@@ -633,9 +706,10 @@ class LowRankComponent(nn.Module):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        """``y = x Aᵀ Bᵀ + b``."""
+        """``y = x Aᵀ Bᵀ + b`` (under ``torch.autocast`` the bias is added in the output's dtype, as
+        ``nn.Linear`` does)."""
         y = self.up(self.down(x))  # (..., k) -> (..., out)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -681,6 +755,7 @@ class CompressionReport:
     matrices: list[MatrixReport] = field(default_factory=list)  #: in model order
     params_before: int = 0  #: all parameters of the model before
     params_after: int = 0  #: all parameters after
+    exact_target: bool = False  #: τ chosen for the applied (not the attempted) reduction
 
     @property
     def total_rank(self) -> int:
@@ -794,6 +869,7 @@ def compress(
     patterns: str | Sequence[str] = DEFAULT_PATTERNS,
     min_ratio: float | None = None,
     nlrc: str = "dense",
+    exact_target: bool = False,
 ) -> CompressionReport:
     """Compress ``model`` in place to an effective rank reduction ``target`` ∈ (0, 1).
 
@@ -808,6 +884,21 @@ def compress(
     To keep the original, compress a ``copy.deepcopy(model)``. To compare methods at equal total
     rank, use ``nlrc="truncate"`` (or ``min_ratio=0.0``) so that every matrix applies its kept rank.
 
+    ``target`` is the *attempted* reduction by default (τ from :func:`threshold_for_reduction`):
+    with rule (5) and dense N-LRCs the model then applies less (39-41% for 0.5 on the labs'
+    tiny Llama), because a matrix whose factors would not pay off keeps its full rank.
+    ``exact_target=True`` is the paper's reading of a target, the reduction the compressed model
+    applies (its "reduction ratio" counts the LRCs' pruned ranks): τ is chosen so that
+    :attr:`CompressionReport.achieved_reduction` is closest to ``target`` under the same rule and
+    ``nlrc`` (bisection on the applied reduction, a step function of τ). The official compression
+    script gets there another way, ``min_ratio=0.0`` (every pruned matrix factorised, even where
+    the factors are larger than W, so attempted = applied); ``exact_target`` keeps rule (5) and
+    raises τ instead. The labs use the default.
+
+    With ``spectra=None`` the SVDs are computed here one matrix at a time, keeping the singular
+    values only (the factors of an LRC are recomputed when it is built, then dropped): peak
+    memory is one matrix's SVD, not the float32 factors of every matrix at once.
+
     Explained in :doc:`/book/welore/theory`.
     """
     if not isinstance(model, nn.Module):
@@ -821,20 +912,29 @@ def compress(
         if isinstance(min_ratio, bool) or not isinstance(min_ratio, numbers.Real) or not 0.0 <= float(min_ratio) < 1.0:
             raise ValueError(f"min_ratio must be None (break-even rule) or a number in [0, 1), got {min_ratio!r}")
         min_ratio = float(min_ratio)
+    if not isinstance(exact_target, bool):
+        raise TypeError(f"exact_target must be a bool, got {exact_target!r}")
+    if exact_target and method != "welore":
+        raise ValueError(f"exact_target=True needs method='welore' (the uniform baseline removes a fixed share of "
+                         f"every matrix's rank); got method={method!r}")
     if spectra is None:
-        spectra = analyze_spectra(model, patterns)
+        spectra = _singular_values_only(model, patterns)
     _check_spectra(spectra)
     linears = _check_spectra_match(model, spectra)
 
     if method == "welore":
-        tau: float | None = threshold_for_reduction(spectra, target).tau
+        if exact_target:
+            tau: float | None = _applied_threshold(spectra, target, min_ratio, nlrc)
+        else:
+            tau = threshold_for_reduction(spectra, target).tau
         pruned = pruned_ranks(spectra, tau)
     else:
         tau = None
         pruned = uniform_pruned_ranks(spectra, target)
 
     report = CompressionReport(method=method, target=target, tau=tau, nlrc=nlrc, min_ratio=min_ratio,
-                               params_before=sum(p.numel() for p in model.parameters()))
+                               params_before=sum(p.numel() for p in model.parameters()),
+                               exact_target=exact_target)
     plan: dict[str, int] = {}  # name -> kept rank of each LRC
     for spec in spectra:
         m, n = spec.shape
@@ -857,6 +957,7 @@ def compress(
                 with torch.no_grad():
                     w_k = (U[:, :k] * s[:k]) @ Vh[:k]  # (m, n) = U_k diag(s_k) V_kᵀ
                     lin.weight.copy_(w_k.to(lin.weight.dtype))
+                del U, s, Vh, w_k  # one matrix's factors at a time
                 kept = k
         report.matrices.append(MatrixReport(
             name=spec.name, shape=(m, n), full_rank=r, pruned=kp, kept_rank=kept, is_lrc=is_lrc,
@@ -871,6 +972,18 @@ def compress(
         replace_linears(model, factory, [rf"^{re.escape(name)}$" for name in plan])
     report.params_after = sum(p.numel() for p in model.parameters())
     return report
+
+
+def _singular_values_only(model: nn.Module, patterns: str | Sequence[str]) -> Spectra:
+    """:func:`analyze_spectra` without the factors: each matrix's SVD is taken (the same
+    ``torch.linalg.svd`` as with factors, so the singular values are bitwise those of
+    ``analyze_spectra(model)``) and its U, Vh dropped before the next one."""
+    out = []
+    for name, lin in _matching_linears(model, patterns):
+        full = MatrixSpectrum.from_matrix(name, lin.weight)
+        out.append(MatrixSpectrum(name, full.shape, full.s))
+        del full  # U (m × r) and Vh (r × n) go now
+    return Spectra(out)
 
 
 def _factors(spec: MatrixSpectrum, lin: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
@@ -983,3 +1096,84 @@ def load_compressed(
     report = replace_linears(model, factory, [rf"^{re.escape(n)}$" for n in ranks])
     model.load_state_dict(dict(state_dict), strict=strict)
     return report
+
+
+# ----------------------------------------------------------------------------- saving a compressed model
+#: What ``config.json`` of a directory :func:`save_compressed` writes holds in place of the dtype,
+#: so that transformers' own loaders refuse it, naming mini's loader.
+_REFUSAL = ("mini.welore: a WeLore-compressed model; open it with mini.welore.load_pretrained(path). "
+           "transformers' from_pretrained would re-initialise the compressed layers")
+_WEIGHTS = "mini_welore_model.pt"
+_FORMAT = 1
+
+
+def save_compressed(model: nn.Module, directory: str | Any) -> None:
+    """Write a compressed transformers model to ``directory``: :func:`load_pretrained` reads it back exactly.
+
+    Why not ``save_pretrained``: a directory it writes opens with ``from_pretrained``, which builds
+    the dense architecture, finds no ``q_proj.weight`` for an LRC and re-initialises it at random
+    (with a warning in a long log): a silently different model. Here ``config.json`` is the
+    model's config with its dtype replaced by a sentence naming :func:`load_pretrained`
+    so ``AutoConfig``, ``AutoModelForCausalLM`` and ``LlamaForCausalLM``'s
+    ``from_pretrained`` fail with that sentence in the error; the config proper, the LRC ranks
+    and the dtype sit under the key ``"mini_welore"``, and the weights in ``mini_welore_model.pt``
+    (a state dict, loadable with ``torch.load(weights_only=True)``), not under a name transformers
+    looks for.
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
+    import json
+    from pathlib import Path
+
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or config is None or not hasattr(config, "to_dict"):
+        raise TypeError(f"model must be a transformers model (with a .config), got {type(model).__name__}; "
+                        "for a plain module save model.state_dict() and reload it with load_compressed")
+    ranks = lrc_ranks(model)
+    if not ranks:
+        raise ValueError("model has no LowRankComponent: save an uncompressed model with save_pretrained")
+    params = list(model.parameters())
+    dtype = str(params[0].dtype).replace("torch.", "") if params else "float32"
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_dict()
+    record = {"format": _FORMAT, "loader": "mini.welore.load_pretrained", "ranks": ranks, "dtype": dtype,
+              "config": dict(cfg)}
+    cfg.update(dtype=_REFUSAL, torch_dtype=_REFUSAL, mini_welore=record)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    torch.save(model.state_dict(), folder / _WEIGHTS)
+
+
+def load_pretrained(directory: str | Any, device: str | torch.device = "cpu") -> nn.Module:
+    """The model :func:`save_compressed` wrote, bit for bit: the architecture from its config,
+    each LRC rebuilt at its rank (:func:`load_compressed`), then every tensor loaded (strict).
+
+    Trainable flags are not saved: call :func:`freeze_for_lrc_finetuning` before training.
+
+    Explained in :doc:`/labs/welore/finetuning`.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(directory)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a directory mini.welore.save_compressed wrote")
+    record = json.loads(cfg_file.read_text()).get("mini_welore")
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise ValueError(f"{cfg_file} was not written by mini.welore.save_compressed (format {_FORMAT}); "
+                         "a plain save_pretrained directory opens with transformers' from_pretrained")
+    config_dict = dict(record["config"])
+    model_type = config_dict.pop("model_type")
+    for key in ("dtype", "torch_dtype", "transformers_version", "architectures"):
+        config_dict.pop(key, None)
+    config = AutoConfig.for_model(model_type, **config_dict)
+    dtype = getattr(torch, record["dtype"])
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    state = torch.load(folder / _WEIGHTS, map_location="cpu", weights_only=True)
+    load_compressed(model, state, strict=True)
+    if lrc_ranks(model) != record["ranks"]:  # pragma: no cover - the keys decide the ranks
+        raise ValueError(f"{folder}: the weights' LRC ranks differ from the config's record")
+    return model.to(device).eval()

@@ -470,3 +470,48 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert opt.n_svd() == 2 * 3  # the run switched subspaces (steps 0, 5, 10)
     for a, b in zip(got, _params(model)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- numpy and float inputs (issue 15)
+def test_numpy_ranks_and_integral_float_gaps_are_accepted_and_normalised():
+    np = pytest.importorskip("numpy")
+    proj = GaLoreProjector(rank=np.int64(4), update_proj_gap=200.0)
+    assert (proj.rank, proj.update_proj_gap) == (4, 200)
+    assert type(proj.rank) is int and type(proj.update_proj_gap) is int
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model, rank=np.int32(4), gap=np.float64(10.0)))
+    group = opt.param_groups[1]
+    assert (group["rank"], group["update_proj_gap"]) == (4, 10)
+    assert type(group["rank"]) is int and type(group["update_proj_gap"]) is int
+    groups = galore_param_groups(model, rank=np.int64(4), update_proj_gap=np.int16(50), target_modules=("0",))
+    assert type(groups[1]["rank"]) is int and groups[1]["update_proj_gap"] == 50
+    assert GaLoreConfig(rank=np.int64(8), update_proj_gap=100.0).update_proj_gap == 100
+
+
+@pytest.mark.parametrize("gap", [200.5, True, "200", float("nan"), float("inf"), None, 0.0])
+def test_update_proj_gap_still_refuses_non_integers(gap):
+    with pytest.raises((TypeError, ValueError), match="update_proj_gap") as info:
+        GaLoreProjector(rank=2, update_proj_gap=gap)
+    assert repr(gap) in str(info.value) or str(gap) in str(info.value)
+    with pytest.raises((TypeError, ValueError), match="update_proj_gap"):
+        GaLoreAdamW(_groups(_mlp(), gap=gap))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), True, "0.25"])
+def test_scale_must_be_a_finite_real(scale):
+    with pytest.raises((TypeError, ValueError), match="scale"):
+        GaLoreProjector(rank=2, scale=scale)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": "0.1"}, r"lr must be a real number >= 0, got '0.1'"),
+    ({"lr": -1.0}, r"lr must be a real number >= 0, got -1.0"),
+    ({"betas": 0.9}, r"betas must be two numbers in \[0, 1\), got 0.9"),
+    ({"betas": (0.9, 1.0)}, r"betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
+    ({"betas": (0.9, "x")}, r"betas must be two numbers"),
+    ({"eps": float("nan")}, r"eps must be a real number >= 0, got nan"),
+    ({"weight_decay": None}, r"weight_decay must be a real number >= 0, got None"),
+])
+def test_adam_hyperparameters_name_argument_value_and_range(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        GaLoreAdamW(_groups(_mlp()), **kwargs)

@@ -491,3 +491,152 @@ def test_layerwise_errors():
         opt = Int8LayerwiseQGaLore(_int8_model(), rank=2, proj_bits=2)
         x, y = _regression()
         F.mse_loss(opt.layers[0](x), y).backward()
+
+
+# --------------------------------------------------------------------------- validation at construction (issue 15)
+@pytest.mark.parametrize("key,value,match", [
+    ("proj_bits", 3, r"proj_bits must be one of \(4, 8\), got 3"),
+    ("proj_group_size", 0, "proj_group_size must be a positive int, got 0"),
+    ("queue_size", 2.5, "queue_size must be a positive int, got 2.5"),
+    ("gamma", 0.5, "gamma must be a real number >= 1"),
+    ("cos_threshold", 1.5, r"cos_threshold must be a real number in \[0, 1\], got 1.5"),
+    ("update_proj_gap", 10.5, "update_proj_gap must be a positive integer"),
+    ("scale", float("nan"), "scale must be a finite real number"),
+    ("proj_type", "diag", "proj_type must be one of"),
+])
+def test_qgalore_adamw_validates_groups_when_constructed(key, value, match):
+    model = _float_model()
+    with pytest.raises((TypeError, ValueError), match=match):
+        QGaLoreAdamW(_groups(model, **{key: value}))
+
+
+def test_qgalore_adamw_normalises_numpy_and_float_options():
+    np = pytest.importorskip("numpy")
+    model = _float_model()
+    opt = QGaLoreAdamW(_groups(model, rank=np.int64(4), update_proj_gap=5.0, queue_size=np.int32(3), proj_bits=np.int64(8)))
+    group = opt.param_groups[1]
+    assert [type(group[k]) for k in ("rank", "update_proj_gap", "queue_size", "proj_bits")] == [int] * 4
+    x, y = _regression()
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    assert opt.projectors()[0].proj_bits == 8
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"proj_bits": 2}, ValueError, r"proj_bits must be one of \(4, 8\), got 2"),
+    ({"scale": "0.25"}, TypeError, "scale must be a finite real number"),
+    ({"proj_type": "diag"}, ValueError, "proj_type must be one of"),
+    ({"update_proj_gap": 0.5}, ValueError, "update_proj_gap must be a positive integer"),
+    ({"gamma": 0.9}, ValueError, "gamma must be a real number >= 1"),
+    ({"lr": -1.0}, ValueError, "lr must be a real number >= 0, got -1.0"),
+    ({"betas": (0.9,)}, ValueError, r"betas must be two numbers in \[0, 1\)"),
+    ({"generator": 7}, TypeError, "generator must be a torch.Generator or None, got int"),
+])
+def test_int8_layerwise_validates_when_constructed_not_in_backward(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        Int8LayerwiseQGaLore(_int8_model(), rank=2, **kwargs)
+
+
+def test_int8_layerwise_accepts_numpy_rank_and_float_gap():
+    np = pytest.importorskip("numpy")
+    opt = Int8LayerwiseQGaLore(_int8_model(), rank=np.int64(4), update_proj_gap=10.0)
+    assert opt.hparams["rank"] == 4 and type(opt.hparams["update_proj_gap"]) is int
+    x, y = _regression()
+    F.mse_loss(opt.layers[0](x), y).backward()
+    assert opt.states[0]["step"] == 1
+
+
+def test_int8_layerwise_generator_must_live_on_the_layers_device():
+    with pytest.raises(ValueError, match="generator is on cpu, the Int8Linear layers on meta"):
+        Int8LayerwiseQGaLore(_int8_model().to("meta"), rank=2, generator=torch.Generator())
+
+
+# --------------------------------------------------------------------------- one-sign groups (issue 15)
+def _one_sign_inputs(group_size=64, seed=5):
+    """Groups whose values share one sign (all in [0.5, 1.5], all in [-1.5, -0.5], all zero), and a
+    partial last group: the case a kernel that drops "the range includes 0" gets wrong (its zero
+    point leaves [0, 255] and the codes wrap)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_full = 5
+    n = n_full * group_size + group_size // 2  # (5.5 groups)
+    w = torch.empty(n)
+    for g, sign in enumerate([1.0, -1.0, 1.0, 0.0, -1.0, 1.0]):
+        lo, hi = g * group_size, min((g + 1) * group_size, n)
+        w[lo:hi] = sign * (0.5 + torch.rand(hi - lo, generator=gen))
+    w = w.view(1, -1)  # (1, n)
+    qt = quantize_groupwise(w, bits=8, group_size=group_size)
+    codes = qt.data.view(w.shape).clone()
+    w_deq = qt.dequantize()
+    # an update that keeps every group on its side of 0
+    delta = torch.randn(w.shape, generator=gen) * 0.01 * w.sign()
+    rand = torch.rand(w.shape, generator=gen)
+    return codes, qt.scale.clone(), qt.zero.clone(), delta, rand, w_deq + delta
+
+
+def _check_one_sign(out, target, group_size):
+    codes, scale, zero = out
+    n = codes.numel()
+    s = scale.repeat_interleave(group_size)[:n]
+    z = zero.float().repeat_interleave(group_size)[:n]
+    deq = (codes.reshape(-1).float() - z) * s
+    err = (deq - target.reshape(-1)).abs()
+    # stochastic rounding moves each value by less than one step s of its group, and 0 is exact
+    assert bool((err <= s * 1.0001).all()), float((err / s).max())
+    assert float(err.max()) < 0.01  # one step of a range [0, 1.5] is 0.006; a wrapped code costs ~1
+    assert bool((deq[target.reshape(-1) == 0] == 0).all())
+
+
+def test_sr_update_reference_keeps_one_sign_groups_within_one_step():
+    codes, scale, zero, delta, rand, target = _one_sign_inputs()
+    out = sr_update_reference(codes, scale, zero, delta, rand, 64)
+    _check_one_sign(out, target, 64)
+    # the range includes 0: a positive group's zero point is 0, a negative group's 255
+    assert zero.tolist()[:2] == [0, 255] and out[2].tolist()[:2] == [0, 255]
+
+
+@needs_triton
+@pytest.mark.parametrize("group_size", [64, 10])
+def test_sr_update_kernel_keeps_one_sign_groups_within_one_step(group_size):
+    codes, scale, zero, delta, rand, target = _one_sign_inputs(group_size)
+    exp = sr_update_reference(codes, scale, zero, delta, rand, group_size)
+    got = sr_update(codes, scale, zero, delta, rand, group_size, backend="interpret")
+    _check_one_sign(got, target, group_size)
+    assert all(torch.equal(a, b) for a, b in zip(got, exp))
+
+
+@needs_triton
+def test_sr_update_kernel_divides_exactly_when_compiled(tmp_path, monkeypatch):
+    """Lower the kernel for sm_90 (no GPU needed): its divisions are IEEE round-to-nearest
+    (``div.rn.f32``), as the reference's and the blockwise quantizer's, never the approximate
+    ``div.full.f32`` Triton's ``/`` emits; so compiled kernel and reference pick the same codes."""
+    import inspect
+    import os
+
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("triton was imported in interpreter mode: its helpers cannot be compiled")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this triton has no ASTSource/GPUTarget")
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this triton's ASTSource takes another signature")
+    import mini.qgalore.int8_linear as K
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    jit_fn = triton.runtime.jit.JITFunction(getattr(K._sr_update_kernel, "fn", K._sr_update_kernel))
+    sig = {"codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8", "delta_ptr": "*fp32", "rand_ptr": "*fp32",
+           "codes_out_ptr": "*u8", "scale_out_ptr": "*fp32", "zero_out_ptr": "*u8", "n": "i32", "group_size": "i32",
+           "BLOCK": "constexpr"}
+    try:
+        compiled = triton.compile(ASTSource(jit_fn, sig, constexprs={"BLOCK": 256}),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except (ImportError, FileNotFoundError, RuntimeError) as err:  # no nvidia backend / ptxas
+        if "ptxas" in str(err) or "backend" in str(err).lower():
+            pytest.skip(f"no CUDA toolchain in this triton: {err}")
+        raise
+    ptx = compiled.asm["ptx"]
+    assert "div.rn.f32" in ptx
+    assert "div.full.f32" not in ptx and "div.approx" not in ptx

@@ -3,6 +3,7 @@ kernels under the Triton interpreter against their references, the converter, ch
 their support checks, every promised error, and the memory estimator's SLTrain method."""
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -429,7 +430,7 @@ def _roundtrip(state):
 def test_state_dict_round_trip_exact():
     layer = _layer(dtype=torch.float32, seed=4)
     state = _roundtrip(layer.state_dict())
-    assert set(state) == {"A", "B", "values", "bias", "index"} and state["index"].dtype == torch.int64
+    assert set(state) == {"A", "B", "values", "bias", "index", "_extra_state"} and state["index"].dtype == torch.int64
     fresh = SparseLowRankLinear(20, 30, 4, density=0.1, seed=4)  # same seed: same support
     fresh.load_state_dict(state)
     x = torch.randn(3, 20)
@@ -650,3 +651,61 @@ def test_memory_sltrain_errors():
         estimate_memory("llama_60m", "sltrain", density=0)
     with pytest.raises(ValueError, match="rank"):
         estimate_memory("llama_60m", "sltrain8bit", rank=0)
+
+
+# ----------------------------------------------------------------------------- hyperparameters in checkpoints (issue 15)
+def test_alpha_is_saved_and_a_different_alpha_is_an_error():
+    a16 = SparseLowRankLinear(20, 30, 4, density=0.1, alpha=16.0, seed=4)
+    with torch.no_grad():
+        a16.B.normal_()  # B = 0 at initialisation would hide α
+    state = _roundtrip(a16.state_dict())  # weights_only=True
+    assert state["_extra_state"].dtype == torch.float64
+    a32 = SparseLowRankLinear(20, 30, 4, density=0.1, alpha=32.0, seed=4)
+    before = {k: v.clone() for k, v in a32.state_dict().items()}
+    with pytest.raises(ValueError, match=r"alpha=16 .*this layer has alpha=32"):
+        a32.load_state_dict(state)
+    # nothing was loaded
+    assert all(torch.equal(a32.state_dict()[k], v) for k, v in before.items() if k != "_extra_state")
+    with pytest.raises(ValueError, match=r"alpha=16 .*this layer has alpha=32"):
+        load_sltrain_state_dict(nn.Sequential(a32), {f"0.{k}": v for k, v in state.items()}, adopt_support=True)
+    # the right α loads, exactly
+    same = SparseLowRankLinear(20, 30, 4, density=0.1, alpha=16.0, seed=4)
+    same.load_state_dict(state)
+    x = torch.randn(3, 20)
+    assert torch.equal(same(x), a16(x))
+    # from_state_dict reads α from the checkpoint, and checks one that is passed
+    rebuilt = SparseLowRankLinear.from_state_dict(state)
+    assert rebuilt.alpha == 16.0 and torch.equal(rebuilt(x), a16(x))
+    with pytest.raises(ValueError, match="alpha=16"):
+        SparseLowRankLinear.from_state_dict(state, alpha=32.0)
+
+
+def test_model_checkpoint_with_other_alpha_fails_on_load():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24), nn.Linear(24, 24))
+    other = copy.deepcopy(model)
+    convert_to_sltrain(model, rank=4, alpha=16.0, patterns=[r"^\d$"], seed=1)
+    convert_to_sltrain(other, rank=4, alpha=32.0, patterns=[r"^\d$"], seed=1)
+    with pytest.raises(ValueError, match=r"0\._extra_state: the checkpoint was trained with alpha=16"):
+        other.load_state_dict(_roundtrip(model.state_dict()))
+
+
+def test_old_checkpoint_without_hyperparameters_loads_with_a_warning():
+    layer = SparseLowRankLinear(20, 30, 4, density=0.1, alpha=8.0, seed=4)
+    state = {k: v for k, v in layer.state_dict().items() if k != "_extra_state"}
+    fresh = SparseLowRankLinear(20, 30, 4, density=0.1, alpha=8.0, seed=4)
+    with pytest.warns(UserWarning, match="alpha cannot be checked"):
+        fresh.load_state_dict(state)  # strict
+    with pytest.raises(ValueError, match="pass the alpha the checkpoint was trained with"):
+        SparseLowRankLinear.from_state_dict(state)
+    assert SparseLowRankLinear.from_state_dict(state, alpha=8.0).alpha == 8.0
+
+
+def test_corrupt_hyperparameters_are_an_error():
+    state = SparseLowRankLinear(20, 30, 4, density=0.1, seed=4).state_dict()
+    with pytest.raises(ValueError, match="expected the SLTrain layer's hyperparameters"):
+        SparseLowRankLinear(20, 30, 4, density=0.1, seed=4).load_state_dict(dict(state, _extra_state=torch.zeros(2)))
+    bad = state["_extra_state"].clone()
+    bad[5] += 1
+    with pytest.raises(ValueError, match="records 61 support positions, the checkpoint's index holds 60"):
+        SparseLowRankLinear(20, 30, 4, density=0.1, seed=4).load_state_dict(dict(state, _extra_state=bad))

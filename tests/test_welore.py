@@ -429,7 +429,7 @@ def test_other_bad_arguments(base, spectra):
     with pytest.raises(ValueError, match="min_ratio"):
         compress(m, 0.5, spectra=spectra, min_ratio=1.0)
     with pytest.raises(TypeError, match="spectra"):
-        threshold_for_reduction({"a": torch.ones(3)}, 0.5)
+        threshold_for_reduction("abc", 0.5)
     with pytest.raises(ValueError, match="tau"):
         effective_rank_reduction(spectra, float("inf"))
     with pytest.raises(ValueError, match="rank"):
@@ -445,3 +445,162 @@ def test_other_bad_arguments(base, spectra):
         compress(m, 0.5, spectra=spectra)
     with pytest.raises(ValueError, match="rank"):
         LowRankComponent(8, 4, 5)
+
+
+# ----------------------------------------------------------------------------- threshold inputs, exact target (issue 15)
+def test_threshold_accepts_spectra_mapping_and_sequence():
+    spec = _random_spectra(3)
+    values = {m.name: m.s for m in spec}
+    want = threshold_for_reduction(spec, 0.4)
+    assert threshold_for_reduction(values, 0.4) == want
+    assert threshold_for_reduction(list(values.values()), 0.4) == want
+    assert threshold_for_reduction(tuple(values.values()), 0.4) == want
+    # unsorted singular values and numpy arrays are sorted here
+    assert threshold_for_reduction([np.asarray(s.flip(0)) for s in values.values()], 0.4) == want
+    assert effective_rank_reduction(values, want.tau) == want.achieved
+    assert sum(pruned_ranks(list(values.values()), want.tau).values()) == sum(pruned_ranks(spec, want.tau).values())
+    assert uniform_pruned_ranks(values, 0.4) == uniform_pruned_ranks(spec, 0.4)
+    for bad in (None, 3.0, "s", [], [torch.ones(2, 2)], {"a": "b"}):
+        with pytest.raises((TypeError, ValueError), match="spectra|values|singular"):
+            threshold_for_reduction(bad, 0.4)
+
+
+def _mixed_model() -> nn.Module:
+    """q, k and MLP matrices heavy-tailed (rank 8 plus noise), v and o Gaussian: at 50% the v, o
+    matrices lose some directions but not enough for their factors to pay off (N-LRCs), as in
+    the labs' trained model."""
+    model = build_model(tiny_llama_config(), seed=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and any(k in name for k in ("q_proj", "k_proj", "mlp")):
+                m, n = mod.weight.shape
+                low = torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) / n**0.5
+                mod.weight.copy_(low + 0.02 * torch.randn(m, n, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_exact_target_applies_the_target_where_the_default_does_not(base, spectra, target):
+    default = compress(copy.deepcopy(base), target, spectra=spectra)
+    exact = compress(copy.deepcopy(base), target, spectra=spectra, exact_target=True)
+    step = 1 / spectra.total_rank
+    # the default hits the *attempted* reduction; N-LRCs at full rank make the applied one
+    # smaller (measured 4.1% for 0.3 and 48.2% for 0.5 on this untrained model)
+    assert abs(default.attempted_reduction - target) <= step
+    assert default.achieved_reduction < target - 0.01
+    # exact_target moves τ until what the compressed model applies is the target (measured
+    # 30.2% and 50.3%; one matrix turning LRC moves the level by up to its rank)
+    assert abs(exact.achieved_reduction - target) <= max(m.full_rank for m in spectra) * step
+    assert abs(exact.achieved_reduction - target) < abs(default.achieved_reduction - target)
+    assert exact.tau > default.tau
+    assert exact.target == target and exact.exact_target and not default.exact_target
+
+
+def test_exact_target_is_closest_over_every_threshold():
+    """Against brute force over the breakpoints: the τ chosen gives the applied level closest to the target."""
+    model = _mixed_model()
+    spec = analyze_spectra(model)
+    values = np.unique(np.concatenate([m.s_tilde for m in spec]))
+    taus = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0]])
+
+    def applied(tau: float) -> float:  # rule (5), N-LRCs dense: only LRCs lose their pruned directions
+        kept = 0
+        for m in spec:
+            kp = m.pruned(tau)
+            is_lrc = kp > 0 and pays_off(m.full_rank - kp, *m.shape)
+            kept += kp if is_lrc else 0
+        return kept / spec.total_rank
+
+    levels = {applied(float(t)) for t in taus}
+    for target in (0.2, 0.5, 0.7):
+        got = compress(copy.deepcopy(model), target, spectra=spec, exact_target=True)
+        best = min(levels, key=lambda x: (abs(x - target), x))
+        assert got.achieved_reduction == pytest.approx(best, abs=1e-12), (target, got.achieved_reduction, best)
+        assert applied(got.tau) == pytest.approx(got.achieved_reduction, abs=1e-12)
+
+
+def test_exact_target_errors():
+    model = build_model(tiny_llama_config(), seed=1)
+    with pytest.raises(ValueError, match="exact_target=True needs method='welore'"):
+        compress(model, 0.5, method="uniform", exact_target=True)
+    with pytest.raises(TypeError, match="exact_target must be a bool, got 1"):
+        compress(model, 0.5, exact_target=1)
+
+
+# ----------------------------------------------------------------------------- memory of compress(spectra=None) (issue 15)
+def test_compress_without_spectra_holds_one_matrix_of_factors_at_a_time(base, spectra, monkeypatch):
+    """Count the SVD factors alive at every SVD: at most the current matrix's (the old code kept
+    the float32 U and Vh of every matrix until the end). The result is bitwise the cached one."""
+    import weakref
+
+    real_svd = torch.linalg.svd
+    alive: list[weakref.ref] = []
+    most = [0]
+
+    def tracking_svd(*args, **kwargs):  # CPython frees a tensor when its last reference goes
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        out = real_svd(*args, **kwargs)
+        alive.extend(weakref.ref(t) for t in (out[0], out[2]))
+        return out
+
+    monkeypatch.setattr(torch.linalg, "svd", tracking_svd)
+    model = copy.deepcopy(base)
+    report = compress(model, 0.5)
+    monkeypatch.setattr(torch.linalg, "svd", real_svd)
+    assert len(alive) >= 2 * len(spectra)  # every matrix was decomposed here
+    assert most[0] <= 2, most[0]  # U and Vh of one matrix (the one being factorised)
+    # identical to compressing with the cached factors of analyze_spectra
+    ref = copy.deepcopy(base)
+    ref_report = compress(ref, 0.5, spectra=spectra)
+    assert report.tau == ref_report.tau and report.rows() == ref_report.rows()
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+
+
+# ----------------------------------------------------------------------------- saving and loading a compressed model (issue 15)
+def test_save_compressed_round_trips_exactly_and_transformers_refuses_it(base, spectra, tokens, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mini.welore import load_pretrained, save_compressed
+
+    model = copy.deepcopy(base)
+    compress(model, 0.5, spectra=spectra)
+    with torch.no_grad():  # fine-tuned factors, not the SVD's
+        for p in lrc_parameters(model):
+            p.add_(0.01 * torch.randn_like(p))
+    save_compressed(model, tmp_path / "c")
+    back = load_pretrained(tmp_path / "c")
+    assert lrc_ranks(back) == lrc_ranks(model)
+    sd, back_sd = model.state_dict(), back.state_dict()
+    assert sd.keys() == back_sd.keys()
+    assert all(torch.equal(sd[k], back_sd[k]) and sd[k].dtype == back_sd[k].dtype for k in sd)
+    assert torch.equal(_logits(back, tokens), _logits(model.eval(), tokens))
+    # transformers' loaders fail, naming mini's loader, instead of re-initialising the LRCs
+    for loader in (transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM, transformers.AutoConfig):
+        with pytest.raises(Exception, match=r"mini\.welore\.load_pretrained"):
+            loader.from_pretrained(tmp_path / "c")
+
+
+def test_plain_save_pretrained_of_a_compressed_model_reloads_differently(base, spectra, tokens, tmp_path):
+    """What the issue found: save_pretrained + from_pretrained gives another model (the reason for save_compressed)."""
+    transformers = pytest.importorskip("transformers")
+    model = copy.deepcopy(base)
+    compress(model, 0.5, spectra=spectra)
+    model.save_pretrained(tmp_path / "plain")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert not lrc_ranks(reloaded)
+    assert not torch.allclose(_logits(reloaded, tokens), _logits(model.eval(), tokens), atol=1e-3)
+
+
+def test_save_compressed_errors(base, tmp_path):
+    from mini.welore import load_pretrained, save_compressed
+
+    with pytest.raises(ValueError, match="no LowRankComponent"):
+        save_compressed(base, tmp_path / "x")
+    with pytest.raises(TypeError, match="transformers model"):
+        save_compressed(nn.Linear(3, 3), tmp_path / "x")
+    base.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not written by mini.welore.save_compressed"):
+        load_pretrained(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pretrained(tmp_path / "missing")

@@ -42,6 +42,9 @@ Differences from galore-torch 1.0 (``galore_torch/adamw.py``) and why
   moments into the new subspace when it switches, see :meth:`GaLoreAdamW.transfer_moments`.
   galore-torch keeps the old coordinates (stale moments read in a new basis).
 - No deprecation warning, and no dependency on transformers or bitsandbytes.
+- float16 parameters get float32 moments (:func:`moment_dtype`): a float16 second moment
+  underflows and the step explodes. float32 and bfloat16 keep galore-torch's moments in the
+  gradient's dtype.
 
 Carrying the moments across a switch (``project_moments=True``)
 ---------------------------------------------------------------
@@ -70,6 +73,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from numbers import Real
 from typing import Any
 
 import torch
@@ -83,7 +87,7 @@ from .projector import (
     check_update_proj_gap,
 )
 
-__all__ = ["GaLoreAdamW", "GALORE_GROUP_DEFAULTS"]
+__all__ = ["GaLoreAdamW", "GALORE_GROUP_DEFAULTS", "moment_dtype"]
 
 #: The defaults of a projected group missing these keys, as in the paper (T = 200, α = 0.25)
 #: and galore-torch ("std").
@@ -93,16 +97,37 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25, 
 Basis = tuple[Tensor | None, Tensor | None]  # (ortho, ortho_right) of a projector
 
 
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of Adam's float moments for a gradient of ``dtype``: float32 for float16, else ``dtype``.
+
+    float32 and bfloat16 gradients keep moments of their own dtype, as galore-torch and
+    ``torch.optim.AdamW`` do (bfloat16 has float32's exponent range). A float16 second moment
+    underflows: ``(1 − β2) R²`` is below float16's smallest subnormal (6e-8) for ``|R| < 8e-3``,
+    so ``√V + ε ≈ ε`` and the step explodes (a five-step fp16 run's loss went from 1.0 to 3.3); so
+    float16 parameters get float32 moments and a float16 direction N.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def check_adam_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    """Validate Adam's hyperparameters (shared by the GaLore and Q-GaLore optimizers)."""
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    """Validate Adam's hyperparameters (shared by the GaLore and Q-GaLore optimizers).
+
+    Each error names the argument, its value and what is allowed.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a real number >= 0, got {value!r} of type {type(value).__name__}")
+        if not value >= 0.0 or not math.isfinite(float(value)):  # also rejects NaN
+            raise ValueError(f"{name} must be a real number >= 0, got {value!r}")
+    ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+        isinstance(b, Real) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+    )
+    if not ok:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def _same_basis(a: Basis, b: Basis) -> bool:
@@ -162,10 +187,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "rank" in param_group:
             for key, value in GALORE_GROUP_DEFAULTS.items():
                 param_group.setdefault(key, value)
-            check_rank(param_group["rank"])
-            check_update_proj_gap(param_group["update_proj_gap"])
+            # stored as plain Python values (a numpy rank or a float gap from a config becomes an int)
+            param_group["rank"] = check_rank(param_group["rank"])
+            param_group["update_proj_gap"] = check_update_proj_gap(param_group["update_proj_gap"])
             check_scale(param_group["scale"])
             check_proj_type(param_group["proj_type"])
+            self.check_group(param_group)
             params = param_group["params"]
             if isinstance(params, set):
                 raise TypeError("params must be an ordered collection (a list), not a set: the order fixes the state_dict")
@@ -182,6 +209,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     )
         super().add_param_group(param_group)
 
+    def check_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a projected group's extra keys when it is added (subclasses: Q-GaLore's projector keys)."""
+
     # ----------------------------------------------------------------------------- extension surface
     def make_projector(self, p: Tensor, group: dict[str, Any]) -> GaLoreProjector:
         """A projector for parameter ``p`` with its group's hyperparameters (named for warnings)."""
@@ -197,21 +227,25 @@ class GaLoreAdamW(torch.optim.Optimizer):
         )
 
     def init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> None:
-        """Create the moments in the (low-rank) shape of ``grad``."""
-        state["exp_avg"] = torch.zeros_like(grad)  # M
-        state["exp_avg_sq"] = torch.zeros_like(grad)  # V
+        """Create the moments in the (low-rank) shape of ``grad``, in :func:`moment_dtype`."""
+        dtype = moment_dtype(grad.dtype)
+        state["exp_avg"] = torch.zeros_like(grad, dtype=dtype)  # M
+        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=dtype)  # V
 
     def adam_direction(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> Tensor:
         """Update the moments with ``grad`` (low-rank shape) and return N = M / (√V + ε).
 
-        Called after ``state["step"]`` was incremented (t ≥ 1).
+        Called after ``state["step"]`` was incremented (t ≥ 1). N has ``grad``'s dtype (the
+        arithmetic runs in the moments' dtype: float32 for float16 gradients).
         """
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        g = grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
         beta1, beta2 = group["betas"]
-        exp_avg.mul_(beta1).add_(grad, alpha=(1.0 - beta1))
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        exp_avg.mul_(beta1).add_(g, alpha=(1.0 - beta1))
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         denom = exp_avg_sq.sqrt().add_(group["eps"])
-        return exp_avg / denom
+        direction = exp_avg / denom
+        return direction if direction.dtype == grad.dtype else direction.to(grad.dtype)
 
     def transfer_moments(self, state: dict[str, Any], projector: GaLoreProjector, old_basis: Basis) -> None:
         """Carry M by the rotation and V by its elementwise square into the new basis (see module doc)."""
@@ -219,9 +253,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
             x = state[key]  # low-rank shape
             if c_left is not None:
-                x = (c_left if power == 1 else c_left * c_left) @ x
+                c = c_left.to(x.dtype)  # (k, k); float32 moments of a float16 basis
+                x = (c if power == 1 else c * c) @ x
             if c_right is not None:
-                x = x @ (c_right if power == 1 else c_right * c_right)
+                c = c_right.to(x.dtype)
+                x = x @ (c if power == 1 else c * c)
             state[key].copy_(x)
 
     def step_size(self, group: dict[str, Any], step: int) -> float:
@@ -323,6 +359,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
             "state": {k: {kk: vv for kk, vv in v.items() if kk != "projector"} for k, v in saved_state.items()},
         }
         super().load_state_dict(stripped)
+        # torch casts every floating state tensor to its parameter's dtype: float32 moments of a
+        # float16 parameter (see moment_dtype) would come back float16
+        params = [p for group in self.param_groups for p in group["params"]]
+        for key, p in zip([i for g in state_dict["param_groups"] for i in g["params"]], params):
+            for name in ("exp_avg", "exp_avg_sq"):
+                saved = saved_state.get(key, {}).get(name)
+                if isinstance(saved, Tensor) and name in self.state[p] and self.state[p][name].dtype != saved.dtype:
+                    self.state[p][name] = saved.to(device=p.device, copy=True)
         index = 0  # torch numbers the parameters across groups in order (the keys of "state")
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for group in self.param_groups:

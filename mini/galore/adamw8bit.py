@@ -51,6 +51,11 @@ Differences from galore-torch 1.0 (``galore_torch/adamw8bit.py``) and bitsandbyt
   CPU (projected groups, all four projection types); with the library as it is, 0.4% of the
   distance travelled, against 1.9% between bitsandbytes' own 8-bit and 32-bit AdamW.
 - No percentile clipping, no max_unorm, no paged states, no stable-embedding special case.
+- bfloat16 and float16 parameters: the moments are 8-bit (or float32 below ``min_8bit_size``)
+  and the update is computed in float32, then rounded to the parameter's dtype *before* the
+  back-projection, which runs in that dtype with the basis (stored in the gradient's dtype), as
+  galore-torch's 8-bit optimizer does (bitsandbytes writes the low-rank update into a low-rank
+  ``p.data`` of the parameter's dtype). ``tests/test_optim_mixed_precision.py`` runs it.
 - ``project_moments=True`` works here too: the moments are dequantized, rotated into the new
   subspace (:meth:`~mini.galore.adamw.GaLoreAdamW.transfer_moments`) and requantized.
 - ``state_dict()`` holds only tensors and plain values (codes uint8, absmax float32), so it loads
@@ -237,8 +242,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 direction = self.adam_direction(p, group, state, grad)  # float32, (low-rank) shape
                 step_size = self.step_size(group, state["step"])
                 if projector is not None:
-                    # galore-torch's order: the low-rank update -η·N first, then back to (m, n)
-                    p.add_(projector.project_back(direction.mul_(-step_size)).to(p.dtype))  # scale included
+                    # galore-torch's order: the low-rank update -η·N first, rounded to the
+                    # parameter's dtype (bitsandbytes writes it into the low-rank p.data), then
+                    # back to (m, n) in that dtype, with the basis
+                    low = direction.mul_(-step_size).to(p.dtype)  # (low-rank shape)
+                    p.add_(projector.project_back(low))  # scale included
                     if wd > 0.0:
                         p.add_(p, alpha=-lr * wd)
                 else:

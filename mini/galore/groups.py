@@ -40,8 +40,9 @@ class GaLoreConfig:
     proj_type: str = "std"  #: one of :data:`~mini.galore.projector.PROJ_TYPES` ("std" is galore-torch's default)
 
     def __post_init__(self) -> None:
-        check_rank(self.rank)
-        check_update_proj_gap(self.update_proj_gap)
+        # frozen: store the checked values as plain ints (numpy ranks, integral float gaps)
+        object.__setattr__(self, "rank", check_rank(self.rank))
+        object.__setattr__(self, "update_proj_gap", check_update_proj_gap(self.update_proj_gap))
         check_scale(self.scale)
         check_proj_type(self.proj_type)
 
@@ -96,8 +97,8 @@ def galore_param_groups(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_rank(rank)
-    check_update_proj_gap(update_proj_gap)
+    rank = check_rank(rank)
+    update_proj_gap = check_update_proj_gap(update_proj_gap)
     check_scale(scale)
     check_proj_type(proj_type)
     match = _matcher(target_modules)

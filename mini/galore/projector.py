@@ -59,42 +59,52 @@ Explained in :doc:`/book/galore/theory`.
 from __future__ import annotations
 
 import warnings
-from numbers import Real
+import math
+from numbers import Integral, Real
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["GaLoreProjector", "PROJ_TYPES", "check_rank", "check_update_proj_gap", "check_proj_type"]
+__all__ = ["GaLoreProjector", "PROJ_TYPES", "check_rank", "check_update_proj_gap", "check_proj_type", "check_scale"]
 
 #: The projection types of galore-torch 1.0; its tensor/Tucker projector is not ported (broken).
 PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
 
 
 def check_rank(rank: Any) -> int:
-    """Return ``rank`` if it is a positive int (bool and float rejected), else raise.
+    """Return ``rank`` as a Python int if it is a positive integer (numpy integers accepted;
+    bool and float rejected), else raise naming the value.
 
     Explained in :doc:`/book/galore/theory`.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if isinstance(rank, bool) or not isinstance(rank, Integral):
         raise TypeError(f"rank must be a positive integer, got {rank!r} of type {type(rank).__name__}")
     if rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
-    return rank
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    return int(rank)
 
 
 def check_update_proj_gap(update_proj_gap: Any) -> int:
-    """Return ``update_proj_gap`` if it is a positive int, else raise.
+    """Return ``update_proj_gap`` as a Python int if it is a positive integer, else raise.
+
+    numpy integers and integral floats (``200.0``, e.g. from a YAML or JSON config) are accepted;
+    ``200.5``, bools, strings, NaN and infinities are not.
 
     Explained in :doc:`/book/galore/theory`.
     """
-    if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int):
-        raise TypeError(
-            f"update_proj_gap must be a positive integer (steps between SVDs), got {update_proj_gap!r}"
-        )
-    if update_proj_gap <= 0:
-        raise ValueError(f"update_proj_gap must be a positive integer (steps between SVDs), got {update_proj_gap}")
-    return update_proj_gap
+    allowed = "a positive integer (steps between SVDs; an integral float such as 200.0 is accepted)"
+    gap = update_proj_gap
+    if isinstance(gap, bool) or not isinstance(gap, Real):
+        raise TypeError(f"update_proj_gap must be {allowed}, got {gap!r} of type {type(gap).__name__}")
+    if not isinstance(gap, Integral):
+        value = float(gap)
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(f"update_proj_gap must be {allowed}, got {gap!r}")
+        gap = int(value)
+    if gap <= 0:
+        raise ValueError(f"update_proj_gap must be {allowed}, got {update_proj_gap!r}")
+    return int(gap)
 
 
 def check_proj_type(proj_type: Any) -> str:
@@ -102,15 +112,20 @@ def check_proj_type(proj_type: Any) -> str:
 
     Explained in :doc:`/book/galore/theory`.
     """
-    if proj_type not in PROJ_TYPES:
+    if not isinstance(proj_type, str) or proj_type not in PROJ_TYPES:
         raise ValueError(f"proj_type must be one of {', '.join(map(repr, PROJ_TYPES))}; got {proj_type!r}")
     return proj_type
 
 
 def check_scale(scale: Any) -> float:
-    """Return ``scale`` if it is a real number (not bool), else raise."""
+    """Return ``scale`` if it is a finite real number (not bool), else raise.
+
+    Explained in :doc:`/book/galore/theory`.
+    """
     if isinstance(scale, bool) or not isinstance(scale, Real):
-        raise TypeError(f"scale must be a real number (the paper's alpha, e.g. 0.25), got {scale!r}")
+        raise TypeError(f"scale must be a finite real number (the paper's alpha, e.g. 0.25), got {scale!r}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number (the paper's alpha, e.g. 0.25), got {scale!r}")
     return scale
 
 

@@ -137,7 +137,7 @@ class LowRankLinear(nn.Module):
         """``x Aᵀ Bᵀ + b``, two thin matrix products (the dense ``B A`` is never formed)."""
         h = x @ self.A.t()  # (..., r)
         y = h @ self.B.t()  # (..., out)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: y's dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

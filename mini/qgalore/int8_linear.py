@@ -23,9 +23,13 @@ codes, scale and zero point, dequantize, add Δ, reduce the new min/max (0 inclu
 new scale and zero point, stochastically round with the uniforms ``rand`` and store the codes,
 the scale and the zero point (in place when ``out`` is the layer's own buffers: a program reads
 its whole group before it writes). The uniforms come in as a tensor drawn by torch from the
-caller's generator, so the kernel and :func:`sr_update_reference` see the same random numbers
-and agree exactly on the interpreter (and to at most one code where the GPU's division rounds
-differently). Bytes moved per weight: 1 (codes) + 4 (Δ, float32) + 4 (uniforms) + 1 (codes out),
+caller's generator, so the kernel and :func:`sr_update_reference` see the same random numbers.
+Its divisions are IEEE round-to-nearest (``tl.math.div_rn``, as the blockwise quantizer's;
+Triton's ``/`` on float32 is an approximate division on NVIDIA GPUs) and it is compiled without
+FMA contraction (``(q − z)·s + Δ`` rounded twice, as in PyTorch), so it computes the reference's
+operations in the same order and rounding: they agree exactly on the interpreter, and the tests
+lower the kernel for sm_90 to check the divisions. The tests include groups whose values share
+one sign, where dropping "the range includes 0" would wrap the zero point. Bytes moved per weight: 1 (codes) + 4 (Δ, float32) + 4 (uniforms) + 1 (codes out),
 plus 2 × 5 per group: about 10 bytes per weight; the bench compares that with the copy bandwidth.
 
 Gradients
@@ -89,10 +93,12 @@ if HAS_TRITON:
         w = (q - z) * s + d  # dequantize and update
         lo = tl.minimum(tl.min(tl.where(mask, w, 0.0), axis=0), 0.0)  # range includes 0
         hi = tl.maximum(tl.max(tl.where(mask, w, 0.0), axis=0), 0.0)
-        s_new = (hi - lo) / 255.0
+        # IEEE round-to-nearest divisions (Triton's `/` on float32 is approximate on NVIDIA GPUs),
+        # so the compiled kernel computes the reference's scales, zero points and codes
+        s_new = tl.math.div_rn(hi - lo, 255.0)
         s_new = tl.where(s_new > 0.0, s_new, 1.0)
-        z_new = tl.floor(-lo / s_new + 0.5)
-        y = w / s_new + z_new
+        z_new = tl.floor(tl.math.div_rn(-lo, s_new) + 0.5)
+        y = tl.math.div_rn(w, tl.zeros_like(w) + s_new) + z_new
         f = tl.floor(y)
         r = f + tl.where(u < y - f, 1.0, 0.0)  # stochastic rounding
         r = tl.minimum(tl.maximum(r, 0.0), 255.0)
@@ -188,6 +194,7 @@ def _sr_update_op(jit, codes, scale, zero, delta, rand, group_size, out=None):
     jit(_sr_update_kernel)[(n_groups,)](
         codes, scale, zero, delta, rand, out[0], out[1], out[2], n, group_size, BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
+        enable_fp_fusion=False,  # (q − z)·s + Δ rounded twice, as the reference (no FMA)
     )
     return out
 
@@ -220,6 +227,27 @@ def update_bytes(numel: int, group_size: int) -> int:
     """
     n_groups = -(-numel // group_size)
     return numel * (1 + 4 + 4 + 1) + n_groups * 2 * (4 + 1)
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` would run a linear layer in for input ``x``, or None.
+
+    None when autocast is off on ``x``'s device type or ``x`` is not eligible (autocast casts
+    floating tensors other than float64), so the layer then runs in its own dtypes.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    device_type = x.device.type
+    try:  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):
+        if device_type == "cpu":
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        elif device_type == "cuda":
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            return None
+    return dtype if enabled else None
 
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -319,14 +347,27 @@ class Int8Linear(nn.Module):
         return w.reshape(-1)[:n].view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
-        """``y = x Wᵀ + b`` with ``W`` dequantized; the weight gradient goes to the hooks."""
+        """``y = x Wᵀ + b`` with ``W`` dequantized; the weight gradient goes to the hooks.
+
+        Under ``torch.autocast`` (as ``nn.Linear``): input, dequantized weight and bias in
+        autocast's dtype, output in that dtype; the weight gradient delivered is in that dtype
+        too, the bias's gradient in the bias's own dtype.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        dtype = _autocast_dtype(x)
+        if dtype is not None:  # torch.autocast: compute in its dtype, as nn.Linear does
+            bias = None if self.bias is None else self.bias.to(dtype)  # differentiable cast
+            with torch.autocast(x.device.type, enabled=False):
+                return self._linear(x.to(dtype), bias)
+        return self._linear(x, self.bias)
+
+    def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype if x.is_floating_point() else torch.float32)
         # A fresh empty leaf that requires grad, so backward runs (and the weight's gradient is
         # delivered) even when neither x nor the bias requires grad.
         anchor = torch.empty(0, device=x.device, requires_grad=torch.is_grad_enabled())
-        return _Int8LinearFn.apply(x, w, self.bias, anchor, self)
+        return _Int8LinearFn.apply(x, w, bias, anchor, self)
 
     def register_weight_grad_hook(self, fn: Callable[["Int8Linear", torch.Tensor], None]) -> _HookHandle:
         """Call ``fn(layer, grad)`` with the dense weight gradient ``(out, in)`` in every backward.
@@ -368,6 +409,18 @@ class Int8Linear(nn.Module):
         rand = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
         sr_update(self.codes, self.scale, self.zero, delta.contiguous(), rand, self.group_size,
                   out=(self.codes, self.scale, self.zero), backend=backend)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """``nn.Module._apply`` (``.to``, ``.half``, ``.cuda`` …) that moves ``scale`` but keeps it float32.
+
+        ``model.to(torch.bfloat16)`` casts every floating buffer; a bfloat16 scale would lose 16
+        bits of every group's step and the update kernel needs float32. The bias follows ``fn``.
+        """
+        original = self.scale  # float32 (n_groups,)
+        super()._apply(fn, recurse)
+        if self.scale.dtype != torch.float32:  # fn cast it: take its device, not its dtype
+            self._buffers["scale"] = original.to(device=self.scale.device, dtype=torch.float32)
+        return self
 
     @property
     def nbytes(self) -> int:

@@ -38,10 +38,16 @@ import torch
 from torch import Tensor, nn
 
 from mini.galore.adamw import GaLoreAdamW, check_adam_hparams
-from mini.galore.projector import GaLoreProjector, check_rank, check_update_proj_gap
+from mini.galore.projector import (
+    GaLoreProjector,
+    check_proj_type,
+    check_rank,
+    check_scale,
+    check_update_proj_gap,
+)
 
 from .int8_linear import Int8Linear
-from .projector import AdaptiveProjector
+from .projector import AdaptiveProjector, check_adaptive_options
 
 __all__ = ["QGaLoreAdamW", "Int8LayerwiseQGaLore", "QGALORE_GROUP_DEFAULTS"]
 
@@ -67,10 +73,16 @@ class QGaLoreAdamW(GaLoreAdamW):
     projector_class = AdaptiveProjector
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Fill a projected group's missing Q-GaLore keys with their defaults, validate, add it."""
         if "rank" in param_group:
             for key, value in QGALORE_GROUP_DEFAULTS.items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
+
+    def check_group(self, param_group: dict[str, Any]) -> None:
+        """Validate (and store as plain values) the adaptive projector's keys of a projected group."""
+        options = check_adaptive_options(**{key: param_group[key] for key in QGALORE_GROUP_DEFAULTS})
+        param_group.update(options)
 
     def make_projector(self, p: Tensor, group: dict[str, Any]) -> GaLoreProjector:
         return AdaptiveProjector(
@@ -99,8 +111,9 @@ class Int8LayerwiseQGaLore:
         projector_kwargs: ``cos_threshold``, ``gamma``, ``queue_size``, ``proj_bits``,
             ``proj_group_size`` of :class:`~mini.qgalore.projector.AdaptiveProjector`.
 
-    The biases and every other float parameter are not touched: train them with an ordinary
-    optimizer. Call :meth:`remove` to detach the hooks. Single-process: raises TypeError for a
+    Every argument is validated here (numpy integers and integral float gaps accepted), not at
+    the first backward where the hooks run. The biases and every other float parameter are not
+    touched: train them with an ordinary optimizer. Call :meth:`remove` to detach the hooks. Single-process: raises TypeError for a
     model wrapped in DistributedDataParallel.
     """
 
@@ -124,18 +137,32 @@ class Int8LayerwiseQGaLore:
                 "local gradient during backward, before DistributedDataParallel's all-reduce. Use QGaLoreAdamW "
                 "with the standard optimizer step under DDP."
             )
-        check_rank(rank)
-        check_update_proj_gap(update_proj_gap)
+        # every argument is checked here, not at the first backward (where the hooks run)
+        rank = check_rank(rank)
+        update_proj_gap = check_update_proj_gap(update_proj_gap)
+        check_scale(scale)
+        check_proj_type(proj_type)
         check_adam_hparams(lr, betas, eps, weight_decay)
-        unknown = set(projector_kwargs) - set(QGALORE_GROUP_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown projector argument(s) {sorted(unknown)}; allowed: {sorted(QGALORE_GROUP_DEFAULTS)}")
-        layers = [m for m in model.modules() if isinstance(m, Int8Linear)] if isinstance(model, nn.Module) else list(model)
+        projector_kwargs = check_adaptive_options(**{**QGALORE_GROUP_DEFAULTS, **projector_kwargs})
+        if not isinstance(model, nn.Module):
+            try:
+                model = list(model)
+            except TypeError:
+                raise TypeError(f"model must be an nn.Module or an iterable of Int8Linear, got {type(model).__name__}") from None
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)] if isinstance(model, nn.Module) else model
         if not layers or not all(isinstance(m, Int8Linear) for m in layers):
             raise ValueError("model must contain (or be an iterable of) at least one Int8Linear, and only those")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            devices = sorted({str(m.codes.device) for m in layers})
+            if any(torch.device(d).type != generator.device.type for d in devices):
+                raise ValueError(f"generator is on {generator.device}, the Int8Linear layers on {', '.join(devices)}: "
+                                 "the stochastic-rounding uniforms are drawn on the layers' device "
+                                 f"(torch.Generator(device={devices[0]!r}))")
         self.layers = layers
         self.hparams = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
-        self.projector_kwargs = {**QGALORE_GROUP_DEFAULTS, **projector_kwargs}
+        self.projector_kwargs = projector_kwargs
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
         self.generator = generator
         self.states: list[dict[str, Any]] = [{"step": 0} for _ in layers]

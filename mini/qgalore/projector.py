@@ -47,7 +47,7 @@ Explained in :doc:`/book/qgalore/theory`.
 """
 from __future__ import annotations
 
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, Optional
 
 import torch
@@ -56,7 +56,7 @@ from torch import Tensor
 from mini.galore.projector import GaLoreProjector
 from mini.quant.groupwise import ALLOWED_BITS, GroupQuantized, quantize_groupwise
 
-__all__ = ["AdaptiveProjector"]
+__all__ = ["AdaptiveProjector", "check_adaptive_options"]
 
 
 def _pack(qt: Optional[GroupQuantized], dtype: Optional[torch.dtype]) -> Optional[dict[str, Any]]:
@@ -72,6 +72,50 @@ def _unpack(d: Optional[dict[str, Any]]) -> tuple[Optional[GroupQuantized], Opti
     qt = GroupQuantized(d["data"], d["scale"], d["zero"], tuple(int(s) for s in d["shape"]),
                         int(d["bits"]), int(d["group_size"]))
     return qt, getattr(torch, d["dtype"])
+
+
+# the adaptive projector's options (defaults: mini.qgalore.optimizer.QGALORE_GROUP_DEFAULTS)
+_OPTIONS: tuple[str, ...] = ("cos_threshold", "gamma", "queue_size", "proj_bits", "proj_group_size")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_adaptive_options(**options: Any) -> dict[str, Any]:
+    """Validate options of :class:`AdaptiveProjector` (``cos_threshold``, ``gamma``, ``queue_size``,
+    ``proj_bits``, ``proj_group_size``; any subset).
+
+    Returns them as plain Python values; an unknown name or a bad value raises, naming the
+    option, its value and what is allowed. Used by the projector, by
+    :class:`~mini.qgalore.optimizer.QGaLoreAdamW` when a group is added and by
+    :class:`~mini.qgalore.optimizer.Int8LayerwiseQGaLore` when it is built, so errors come at
+    construction, not at the first step or inside backward.
+
+    Explained in :doc:`/book/qgalore/theory`.
+    """
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown projector argument(s) {unknown}; allowed: {sorted(_OPTIONS)}")
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if name == "cos_threshold":
+            if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
+                raise ValueError(f"cos_threshold must be a real number in [0, 1], got {value!r}")
+            out[name] = float(value)
+        elif name == "gamma":
+            if isinstance(value, bool) or not isinstance(value, Real) or not 1 <= value < float("inf"):
+                raise ValueError(f"gamma must be a real number >= 1 (the gap's growth factor), got {value!r}")
+            out[name] = float(value)
+        elif name == "proj_bits":
+            if isinstance(value, bool) or not isinstance(value, Integral) or int(value) not in ALLOWED_BITS:
+                raise ValueError(f"proj_bits must be one of {ALLOWED_BITS}, got {value!r}")
+            out[name] = int(value)
+        else:  # queue_size, proj_group_size
+            out[name] = _positive_int(name, value)
+    return out
 
 
 class AdaptiveProjector(GaLoreProjector):
@@ -105,21 +149,13 @@ class AdaptiveProjector(GaLoreProjector):
         proj_bits: int = 4,
         proj_group_size: int = 256,
     ) -> None:
-        if isinstance(cos_threshold, bool) or not isinstance(cos_threshold, Real) or not 0 <= cos_threshold <= 1:
-            raise ValueError(f"cos_threshold must be a real number in [0, 1], got {cos_threshold!r}")
-        if isinstance(gamma, bool) or not isinstance(gamma, Real) or gamma < 1:
-            raise ValueError(f"gamma must be a real number >= 1 (the gap's growth factor), got {gamma!r}")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size <= 0:
-            raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
-        if isinstance(proj_bits, bool) or proj_bits not in ALLOWED_BITS:
-            raise ValueError(f"proj_bits must be one of {ALLOWED_BITS}, got {proj_bits!r}")
-        if isinstance(proj_group_size, bool) or not isinstance(proj_group_size, int) or proj_group_size <= 0:
-            raise ValueError(f"proj_group_size must be a positive int, got {proj_group_size!r}")
-        self.cos_threshold = float(cos_threshold)
-        self.gamma = float(gamma)
-        self.queue_size = queue_size
-        self.proj_bits = proj_bits
-        self.proj_group_size = proj_group_size
+        options = check_adaptive_options(cos_threshold=cos_threshold, gamma=gamma, queue_size=queue_size,
+                                         proj_bits=proj_bits, proj_group_size=proj_group_size)
+        self.cos_threshold = options["cos_threshold"]
+        self.gamma = options["gamma"]
+        self.queue_size = options["queue_size"]
+        self.proj_bits = options["proj_bits"]
+        self.proj_group_size = options["proj_group_size"]
         self.queue: list[float] = []
         self.n_gap_increases = 0
         self._in_svd = False

@@ -41,6 +41,12 @@ Differences from the official code, and why:
 - The support can be given (``support=`` a tensor of positions, e.g.
   :func:`top_magnitude_index` for the paper's Table 1 comparison), or drawn from a ``generator``
   / ``seed``; the official layer always draws from torch's global generator.
+- The state dict saves the hyperparameters that change the function but no tensor shape
+  records, α above all (``_extra_state``: α, r, sizes, nnz; :meth:`SparseLowRankLinear.get_extra_state`),
+  and loading checks them: a checkpoint trained with another α is an error naming both values
+  (the official code saves no α; loading α = 16 weights into an α = 32 layer changed outputs by
+  up to 9.5, silently). A state dict saved before this has no ``_extra_state``: it loads with a
+  warning that α is unchecked.
 - Loading a state dict checks the support: a checkpoint whose ``index`` differs from the
   layer's is an error (the official loader silently takes it, which is right only if the values
   come with it, as they do), unless the support is adopted explicitly
@@ -58,6 +64,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -234,6 +241,27 @@ def _check_input(x: Any, A: Tensor) -> None:
         raise ValueError(f"x is on {x.device} but the layer's parameters are on {A.device}")
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` would run a linear layer in for input ``x``, or None.
+
+    None when autocast is off on ``x``'s device type or ``x`` is not eligible (autocast casts
+    floating tensors other than float64), so the layer then runs in its own dtypes.
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    device_type = x.device.type
+    try:  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):
+        if device_type == "cpu":
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        elif device_type == "cuda":
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            return None
+    return dtype if enabled else None
+
+
 def sparse_lowrank_linear(
     x: Tensor,
     A: Tensor,
@@ -265,6 +293,26 @@ def sparse_lowrank_linear(
 # ---------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------
+_HPARAMS_VERSION = 1
+_HPARAM_NAMES = ("version", "alpha", "rank", "in_features", "out_features", "nnz")
+
+
+def _read_hparams(saved: Any, key: str) -> dict[str, Any]:
+    """The hyperparameters a :meth:`SparseLowRankLinear.get_extra_state` tensor holds, checked."""
+    if not isinstance(saved, Tensor) or saved.dim() != 1 or saved.numel() != len(_HPARAM_NAMES):
+        raise ValueError(f"cannot load {key}: expected the SLTrain layer's hyperparameters, a 1-D tensor "
+                         f"{list(_HPARAM_NAMES)}, got {type(saved).__name__} "
+                         f"{tuple(saved.shape) if isinstance(saved, Tensor) else ''}")
+    values = [float(v) for v in saved.double().tolist()]
+    if values[0] != _HPARAMS_VERSION:
+        raise ValueError(f"cannot load {key}: hyperparameter format {values[0]:g}, this mini reads "
+                         f"{_HPARAMS_VERSION}")
+    out: dict[str, Any] = dict(zip(_HPARAM_NAMES, values))
+    for name in ("rank", "in_features", "out_features", "nnz"):
+        out[name] = int(out[name])
+    return out
+
+
 class SparseLowRankLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W = (α/r)·B A + S`` and S on a fixed support (SLTrain).
 
@@ -402,14 +450,62 @@ class SparseLowRankLinear(nn.Module):
         return self._offsets_cache[1]
 
     def forward(self, x: Tensor) -> Tensor:  # x (..., in) -> (..., out)
-        """``y = x Wᵀ + b``; W is built by the kernel (or its reference) and never stored."""
-        _check_input(x, self.A)
+        """``y = x Wᵀ + b``; W is built by the kernel (or its reference) and never stored.
+
+        Under ``torch.autocast`` the layer computes as ``nn.Linear`` does: input, factors, values
+        and bias are cast to autocast's dtype (differentiably, so the parameters' gradients come
+        back in their own dtype) and the output has that dtype.
+        """
+        A, B, values, bias = self.A, self.B, self.values, self.bias
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            x, A, B, values = x.to(dtype), A.to(dtype), B.to(dtype), values.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):  # the ops below run in `dtype`
+                return self._linear(x, A, B, values, bias)
+        return self._linear(x, A, B, values, bias)
+
+    def _linear(self, x: Tensor, A: Tensor, B: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        _check_input(x, A)
         concrete = _concrete_backend(self.backend, x.device, x.dtype)
         offsets = self._tile_offsets() if concrete != "reference" else None
-        return sparse_lowrank_linear(x, self.A, self.B, self.values, self.index, self.bias, self.scale,
+        return sparse_lowrank_linear(x, A, B, values, self.index, bias, self.scale,
                                      backend=concrete, tile_offsets=offsets)
 
     # -- checkpoints --------------------------------------------------------------------------
+    def get_extra_state(self) -> Tensor:
+        """The hyperparameters that change the function, saved in the state dict (``_extra_state``).
+
+        A float64 tensor ``[version, alpha, rank, in_features, out_features, nnz]`` (a tensor, so
+        the state dict stays loadable with ``torch.load(weights_only=True)`` and savable as
+        safetensors; float64 holds α and the sizes exactly). The factors' and values' shapes fix
+        rank, sizes and nnz; α is only here.
+        """
+        return torch.tensor([_HPARAMS_VERSION, self.alpha, self.rank, self.in_features, self.out_features,
+                             self.nnz], dtype=torch.float64)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Checked in ``_load_from_state_dict`` before anything is loaded (see :meth:`get_extra_state`)."""
+
+    def _check_hparams(self, saved: Any, key: str, index: Optional[Tensor]) -> None:
+        """Raise, before anything is loaded, when the checkpoint's hyperparameters differ from the layer's."""
+        hp = _read_hparams(saved, key)
+        if hp["alpha"] != self.alpha:
+            raise ValueError(
+                f"cannot load {key}: the checkpoint was trained with alpha={hp['alpha']:g} (low-rank product "
+                f"scaled by alpha/rank = {hp['alpha'] / hp['rank']:g}), this layer has alpha={self.alpha:g} "
+                f"(scale {self.scale:g}): the same weights would compute a different function. Build the layer "
+                f"with alpha={hp['alpha']:g}, or SparseLowRankLinear.from_state_dict(state) (which reads alpha "
+                "from the checkpoint)"
+            )
+        for name in ("rank", "in_features", "out_features"):
+            if hp[name] != getattr(self, name):
+                raise ValueError(f"cannot load {key}: the checkpoint has {name}={hp[name]}, this layer "
+                                 f"{name}={getattr(self, name)}")
+        if index is not None and hp["nnz"] != index.numel():
+            raise ValueError(f"cannot load {key}: it records {hp['nnz']} support positions, the checkpoint's "
+                             f"index holds {index.numel()}")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         shapes = {"A": (self.rank, self.in_features), "B": (self.out_features, self.rank)}
@@ -423,6 +519,10 @@ class SparseLowRankLinear(nn.Module):
                     f"{want} (in_features={self.in_features}, out_features={self.out_features}, rank={self.rank})"
                 )
         ikey, vkey = prefix + "index", prefix + "values"
+        hkey = prefix + "_extra_state"
+        if hkey in state_dict:  # α (and the sizes) before anything is loaded or adopted
+            index = state_dict.get(ikey)
+            self._check_hparams(state_dict[hkey], hkey, index if isinstance(index, Tensor) else None)
         if ikey in state_dict:
             theirs = state_dict[ikey]
             if not isinstance(theirs, Tensor) or theirs.dtype.is_floating_point or theirs.dim() != 1:
@@ -455,6 +555,11 @@ class SparseLowRankLinear(nn.Module):
                 self._offsets_cache = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if hkey not in state_dict and hkey in missing_keys and any(k.startswith(prefix) for k in state_dict):
+            # a checkpoint written before the hyperparameters were saved: load it, but say α is unchecked
+            missing_keys.remove(hkey)
+            warnings.warn(f"{prefix or 'the state dict'}: no saved hyperparameters ({hkey}); alpha cannot be "
+                          f"checked (this layer uses alpha={self.alpha:g})", stacklevel=4)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False,
                         *, adopt_support: bool = False):
@@ -468,16 +573,23 @@ class SparseLowRankLinear(nn.Module):
             self._adopt_support = False
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor], alpha: float = 32.0, *, prefix: str = "",
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor], alpha: Optional[float] = None, *, prefix: str = "",
                         backend: str = "auto") -> "SparseLowRankLinear":
         """A layer rebuilt from a state dict, its support adopted: shapes from ``A`` and ``B``,
-        the support from ``index``, a bias if the state has one. ``alpha`` is not stored in a
-        state dict: pass the one the checkpoint was trained with."""
+        the support from ``index``, a bias if the state has one, ``alpha`` from the saved
+        hyperparameters (``_extra_state``). Passing ``alpha`` checks it against them; a state dict
+        saved before they were (no ``_extra_state``) needs ``alpha``."""
         try:
             A, B, index = state_dict[prefix + "A"], state_dict[prefix + "B"], state_dict[prefix + "index"]
         except KeyError as e:
             raise ValueError(f"state_dict lacks {e.args[0]!r}: not a SparseLowRankLinear state "
                              f"(keys: {sorted(state_dict)[:8]})") from None
+        hkey = prefix + "_extra_state"
+        if alpha is None:
+            if hkey not in state_dict:
+                raise ValueError(f"state_dict has no saved hyperparameters ({hkey!r}): pass the alpha the "
+                                 "checkpoint was trained with, from_state_dict(state, alpha=...)")
+            alpha = _read_hparams(state_dict[hkey], hkey)["alpha"]
         rank, n = A.shape
         m = B.shape[0]
         layer = cls(n, m, rank, density=None, alpha=alpha, bias=prefix + "bias" in state_dict,
