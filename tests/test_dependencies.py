@@ -23,8 +23,10 @@ EXTRAS = {k: _names(v) for k, v in PYPROJECT["optional-dependencies"].items()}
 
 
 def _imports(source: str) -> set[str]:
-    # IPython magics and shell lines become `pass`, keeping the indentation
-    lines = [re.sub(r"^(\s*)[%!].*$", r"\1pass", line) for line in source.splitlines()]
+    # IPython magics (%name, %%name) and shell lines (!cmd) become `pass`, keeping the
+    # indentation; a continuation line that starts with the % operator is Python
+    magic = r"^(\s*)(?:%{1,2}[A-Za-z_]|![^=\s]).*$"
+    lines = [re.sub(magic, r"\1pass", line) for line in source.splitlines()]
     tree = ast.parse("\n".join(lines))
     out = set()
     for node in ast.walk(tree):
