@@ -640,3 +640,84 @@ def test_sr_update_kernel_divides_exactly_when_compiled(tmp_path, monkeypatch):
     ptx = compiled.asm["ptx"]
     assert "div.rn.f32" in ptx
     assert "div.full.f32" not in ptx and "div.approx" not in ptx
+
+
+# --------------------------------------------------------------------------- lazy-update rules
+def _flipping(p: AdaptiveProjector) -> None:
+    """Make every other SVD return the same basis with its signs flipped (a CPU SVD's coin flip)."""
+    plain = GaLoreProjector.compute_basis
+    calls = [0]
+
+    def compute(grad):
+        calls[0] += 1
+        sign = -1.0 if calls[0] % 2 == 0 else 1.0
+        return tuple(None if t is None else sign * t for t in plain(p, grad))
+
+    p.compute_basis = compute
+
+
+def test_signed_rule_recomputes_on_sign_flips_abs_rule_does_not():
+    gen = torch.Generator().manual_seed(3)
+    base = _low_rank(64, 48, 4, gen)
+    stream = [base + 0.01 * torch.randn(64, 48, generator=gen) for _ in range(200)]
+    counts = {}
+    for rule in ("abs", "signed"):
+        p = AdaptiveProjector(4, update_proj_gap=2, cos_rule=rule)
+        _flipping(p)
+        for step, G in enumerate(stream):
+            p.project(G, step)
+        counts[rule] = (p.n_svd, p.update_proj_gap, list(p.queue))
+    n_abs, gap_abs, q_abs = counts["abs"]
+    n_signed, gap_signed, q_signed = counts["signed"]
+    # each SVD's sign differs from the previous one's: every signed cosine reads -1 ("moved")
+    assert n_signed == 100 and gap_signed == 2 and max(q_signed) < -0.9
+    assert n_abs < 25 and gap_abs >= 16 and min(q_abs) > 0.9  # the same subspace: T doubles
+
+
+def test_signed_rule_compares_with_the_float_previous_vector():
+    gen = torch.Generator().manual_seed(4)
+    G = _low_rank(64, 48, 4, gen)
+    signed = AdaptiveProjector(4, update_proj_gap=1, cos_rule="signed", proj_bits=4)
+    absolute = AdaptiveProjector(4, update_proj_gap=1, proj_bits=4)
+    for p in (signed, absolute):
+        for _ in range(3):
+            p.update_basis(G)
+    # the same gradient gives the same float SVD: exactly the previous float vector (cos 1), while
+    # the |cos| rule reads the INT4-dequantized previous basis (cos < 1)
+    assert signed.queue == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert max(absolute.queue) < 1 - 1e-4 and min(absolute.queue) > 0.9
+    lead = signed.compute_basis(G)[0][0].float()  # right side: first row (48,)
+    assert signed.past_leading.shape == (48,) and torch.equal(signed.past_leading, lead)
+
+
+def test_cos_rule_state_dict_and_errors():
+    gen = torch.Generator().manual_seed(5)
+    G = _low_rank(32, 24, 3, gen)
+    p = AdaptiveProjector(3, update_proj_gap=1, cos_rule="signed")
+    p.update_basis(G)
+    state = p.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    q = AdaptiveProjector(3)
+    q.load_state_dict(torch.load(buf, weights_only=True))
+    assert q.cos_rule == "signed" and torch.equal(q.past_leading, p.past_leading)
+    legacy = {k: v for k, v in AdaptiveProjector(3).state_dict().items() if k != "cos_rule"}
+    r = AdaptiveProjector(3, cos_rule="signed")
+    r.load_state_dict(legacy)  # checkpoints saved before the option: the |cos| rule
+    assert r.cos_rule == "abs" and r.past_leading is None
+    with pytest.raises(ValueError, match=r"cos_rule must be one of \('abs', 'signed'\).*got 'official'"):
+        AdaptiveProjector(3, cos_rule="official")
+    w = nn.Parameter(torch.randn(16, 12))
+    with pytest.raises(ValueError, match="cos_rule must be one of"):
+        QGaLoreAdamW([{"params": [w], "rank": 2, "cos_rule": 1}])
+    opt = QGaLoreAdamW([{"params": [w], "rank": 2, "cos_rule": "signed"}])
+    w.grad = torch.randn(16, 12)
+    opt.step()
+    assert opt.state[w]["projector"].cos_rule == "signed"
+    layer = Int8Linear(16, 12, bias=False, group_size=64)
+    with pytest.raises(ValueError, match="cos_rule must be one of"):
+        Int8LayerwiseQGaLore(layer.modules(), rank=2, cos_rule="ABS")
+    lw = Int8LayerwiseQGaLore([layer], rank=2, cos_rule="signed")
+    layer(torch.randn(3, 16)).sum().backward()
+    assert lw.states[0]["projector"].cos_rule == "signed"

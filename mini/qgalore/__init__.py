@@ -6,7 +6,8 @@ Gradients", arXiv 2407.08296 (2024); official code VITA-Group/Q-GaLore. Part II,
 (``book/galore/``).
 
 - :mod:`mini.qgalore.projector`: :class:`~mini.qgalore.projector.AdaptiveProjector`, GaLore's
-  projector with the lazy update rule (queue of ``|cos|`` of successive leading singular vectors,
+  projector with the lazy update rule (queue of ``|cos|``, or with ``cos_rule="signed"`` the
+  official signed cosine, of successive leading singular vectors,
   the gap multiplied by γ when their mean reaches the threshold), ``n_svd``, and the basis stored
   INT4 group-wise.
 - :mod:`mini.qgalore.int8_linear`: :class:`~mini.qgalore.int8_linear.Int8Linear`, a linear layer
@@ -14,7 +15,8 @@ Gradients", arXiv 2407.08296 (2024); official code VITA-Group/Q-GaLore. Part II,
   :func:`~mini.qgalore.int8_linear.sr_update`, the fused
   dequantize-add-requantize-with-stochastic-rounding Triton kernel (with its reference).
 - :mod:`mini.qgalore.optimizer`: :class:`~mini.qgalore.optimizer.QGaLoreAdamW` (GaLoreAdamW with
-  the adaptive INT4 projector) and :class:`~mini.qgalore.optimizer.Int8LayerwiseQGaLore` (per-layer
+  the adaptive INT4 projector), :class:`~mini.qgalore.optimizer.QGaLoreAdamW8bit` (the same with
+  the paper's 8-bit moments) and :class:`~mini.qgalore.optimizer.Int8LayerwiseQGaLore` (per-layer
   Adam-in-subspace updates of INT8 weights from their gradient hooks, written back by stochastic
   rounding).
 - The quantizer itself lives in :mod:`mini.quant.groupwise` (re-exported here).
@@ -33,12 +35,18 @@ from mini.quant.groupwise import (
 )
 
 from .int8_linear import Int8Linear, sr_update, sr_update_reference, update_bytes
-from .optimizer import QGALORE_GROUP_DEFAULTS, Int8LayerwiseQGaLore, QGaLoreAdamW
+from .optimizer import (
+    QGALORE_GROUP_DEFAULTS,
+    Int8LayerwiseQGaLore,
+    QGaLoreAdamW,
+    QGaLoreAdamW8bit,
+)
 from .projector import AdaptiveProjector
 
 __all__ = [
     "AdaptiveProjector",
     "QGaLoreAdamW",
+    "QGaLoreAdamW8bit",
     "Int8LayerwiseQGaLore",
     "QGALORE_GROUP_DEFAULTS",
     "Int8Linear",

@@ -36,7 +36,12 @@ Gradients
 ---------
 The weight is not an ``nn.Parameter``: a custom autograd Function computes ``y = x Wᵀ + b`` with
 ``W`` dequantized, and in backward returns ``∂L/∂x = g W`` and the dense ``∂L/∂W = gᵀ x`` (and
-the bias's gradient through the ordinary ``bias`` Parameter). The dense weight gradient goes to
+the bias's gradient through the ordinary ``bias`` Parameter). It saves only ``x`` and dequantizes
+``W`` from the codes again in backward, as the official ``W8Linear`` does: a saved dense copy
+would hold 4 bytes per weight for the whole backward, more than the bf16 weight the INT8 codes
+replace. The weight must therefore not change between a call's forward and its backward (a
+layer called twice in one forward while a per-layer hook updates it in backward): backward
+raises a RuntimeError then rather than use the new weight. The dense weight gradient goes to
 every hook registered with :meth:`Int8Linear.register_weight_grad_hook` (``fn(layer, grad)``,
 Q-GaLore's per-layer optimizer step); with no hook it is accumulated into ``layer.weight_grad``
 (like ``.grad``: summed over backward calls until set to None).
@@ -251,22 +256,36 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 
 class _Int8LinearFn(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with ``W`` dequantized from the layer's INT8 codes in forward and again in
+    backward: only ``x`` is saved, never a dense copy of ``W`` (as the official ``W8Linear``)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, anchor, layer):  # x (..., in), weight (out, in) dequantized
-        ctx.save_for_backward(x, weight)
-        ctx.layer = layer
+    def forward(ctx, x, bias, anchor, layer, dtype):  # x (..., in)
+        weight = layer.dequantized_weight(dtype)  # (out, in), a temporary: not saved
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.dtype, ctx.version = layer, dtype, layer._weight_version()
         ctx.has_bias = bias is not None
         y = x.matmul(weight.t())  # (..., out)
         return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, g):  # g (..., out)
-        x, weight = ctx.saved_tensors
-        gx = g.matmul(weight.to(g.dtype)) if ctx.needs_input_grad[0] else None
+        (x,) = ctx.saved_tensors
+        layer = ctx.layer
+        gx = None
+        if ctx.needs_input_grad[0]:
+            if layer._weight_version() != ctx.version:
+                raise RuntimeError(
+                    "Int8Linear's weight was updated between this call's forward and its backward "
+                    "(e.g. the layer was called twice in one forward while a per-layer optimizer hook "
+                    "updates it in backward); the layer keeps no dense copy of the old weight, so "
+                    "call it once per forward/backward, or update it after backward")
+            weight = layer.dequantized_weight(ctx.dtype)  # (out, in), dequantized again
+            gx = g.matmul(weight.to(g.dtype))  # (..., in)
         gw = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]).to(g.dtype))  # (out, in)
-        ctx.layer._deliver_weight_grad(gw)
+        layer._deliver_weight_grad(gw)
         gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias else None
-        return gx, None, gb, None, None
+        return gx, gb, None, None, None
 
 
 class _HookHandle:
@@ -304,6 +323,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(n_groups, device=device))
         self.register_buffer("zero", torch.zeros(n_groups, dtype=torch.uint8, device=device))
+        self._updates = 0  # weight writes by set_weight_ / apply_update_ (see _weight_version)
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         if bias:
             bound = 1.0 / math.sqrt(in_features)
@@ -331,6 +351,7 @@ class Int8Linear(nn.Module):
         """Quantize ``weight`` (out, in) into the layer with nearest rounding."""
         check_tensor("weight", weight, shape=(self.out_features, self.in_features), contiguous=False)
         qt = quantize_groupwise(weight.float(), bits=8, group_size=self.group_size)
+        self._updates = getattr(self, "_updates", 0) + 1
         self.codes.copy_(qt.data.view(self.out_features, self.in_features))
         self.scale.copy_(qt.scale)
         self.zero.copy_(qt.zero)
@@ -363,11 +384,16 @@ class Int8Linear(nn.Module):
         return self._linear(x, self.bias)
 
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype if x.is_floating_point() else torch.float32)
+        dtype = x.dtype if x.is_floating_point() else torch.float32
         # A fresh empty leaf that requires grad, so backward runs (and the weight's gradient is
         # delivered) even when neither x nor the bias requires grad.
         anchor = torch.empty(0, device=x.device, requires_grad=torch.is_grad_enabled())
-        return _Int8LinearFn.apply(x, w, bias, anchor, self)
+        return _Int8LinearFn.apply(x, bias, anchor, self, dtype)
+
+    def _weight_version(self) -> tuple[int, ...]:
+        """Changes whenever the weight does: the layer's update counter (the Triton kernel writes
+        through pointers, which torch's version counters do not see) and the buffers' versions."""
+        return (getattr(self, "_updates", 0), self.codes._version, self.scale._version, self.zero._version)
 
     def register_weight_grad_hook(self, fn: Callable[["Int8Linear", torch.Tensor], None]) -> _HookHandle:
         """Call ``fn(layer, grad)`` with the dense weight gradient ``(out, in)`` in every backward.
@@ -407,6 +433,7 @@ class Int8Linear(nn.Module):
         if delta.device != self.codes.device:
             raise ValueError(f"delta is on {delta.device}, the layer on {self.codes.device}")
         rand = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
+        self._updates = getattr(self, "_updates", 0) + 1
         sr_update(self.codes, self.scale, self.zero, delta.contiguous(), rand, self.group_size,
                   out=(self.codes, self.scale, self.zero), backend=backend)
 

@@ -9,7 +9,10 @@ GaLore chapter (``book/galore/``).
 same arithmetic) whose projected groups use :class:`~mini.qgalore.projector.AdaptiveProjector`:
 an INT4 basis and lazy subspace updates. A projected group may carry ``cos_threshold`` (0.4),
 ``gamma`` (2), ``queue_size`` (5), ``proj_bits`` (4) and ``proj_group_size`` (256), the official
-defaults.
+defaults, and ``cos_rule`` (``"abs"``; ``"signed"`` is the official code's lazy-update rule).
+Its moments are float32; :class:`QGaLoreAdamW8bit` is the same projector on
+:class:`mini.galore.adamw8bit.GaLoreAdamW8bit`'s block-wise 8-bit moments, the paper's setting
+and what :func:`mini.lm.memory.estimate_memory` counts for ``"qgalore"`` (tested byte for byte).
 
 :class:`Int8LayerwiseQGaLore` is the paper's training path for INT8 weights: each
 :class:`~mini.qgalore.int8_linear.Int8Linear` gets a weight-gradient hook that, as soon as the
@@ -22,8 +25,8 @@ layer's dense gradient G exists (during backward; it is never stored), runs ::
     W ← SR-requantize(W + (W' − W))            (Int8Linear.apply_update_'s kernel)
 
 Differences from the official code: the official per-layer path uses bitsandbytes' 8-bit Adam
-(CUDA only) for M and V; here they are float32 (the 8-bit moments are
-:mod:`mini.galore`'s concern). It is single-process: the hooks update weights during backward,
+(CUDA only) for M and V; here they are float32 (:class:`QGaLoreAdamW8bit` has 8-bit moments
+for the ordinary optimizer step). It is single-process: the hooks update weights during backward,
 which does not combine with DistributedDataParallel's gradient all-reduce.
 
 Explained in :doc:`/book/qgalore/theory`.
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from mini.galore.adamw import GaLoreAdamW, check_adam_hparams
+from mini.galore.adamw8bit import GaLoreAdamW8bit
 from mini.galore.projector import (
     GaLoreProjector,
     check_proj_type,
@@ -49,7 +53,7 @@ from mini.galore.projector import (
 from .int8_linear import Int8Linear
 from .projector import AdaptiveProjector, check_adaptive_options
 
-__all__ = ["QGaLoreAdamW", "Int8LayerwiseQGaLore", "QGALORE_GROUP_DEFAULTS"]
+__all__ = ["QGaLoreAdamW", "QGaLoreAdamW8bit", "Int8LayerwiseQGaLore", "QGALORE_GROUP_DEFAULTS"]
 
 #: Adaptive-projector settings of a projected group (official Q-GaLore defaults).
 QGALORE_GROUP_DEFAULTS: dict[str, Any] = {
@@ -58,17 +62,13 @@ QGALORE_GROUP_DEFAULTS: dict[str, Any] = {
     "queue_size": 5,
     "proj_bits": 4,
     "proj_group_size": 256,
+    "cos_rule": "abs",  # mini's |cos|; "signed": the official code's rule
 }
 
 
-class QGaLoreAdamW(GaLoreAdamW):
-    """GaLoreAdamW whose projected groups use Q-GaLore's adaptive, INT4-stored projector.
-
-    Same arguments and param-group convention as :class:`~mini.galore.adamw.GaLoreAdamW`; a
-    projected group may also set the keys of :data:`QGALORE_GROUP_DEFAULTS`.
-
-    Explained in :doc:`/book/qgalore/theory`.
-    """
+class _QGaLoreGroups:
+    """The projected groups of Q-GaLore: the adaptive, INT4-stored projector and its options
+    (mixed into a GaLore optimizer before it in the bases)."""
 
     projector_class = AdaptiveProjector
 
@@ -77,7 +77,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         if "rank" in param_group:
             for key, value in QGALORE_GROUP_DEFAULTS.items():
                 param_group.setdefault(key, value)
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # type: ignore[misc]
 
     def check_group(self, param_group: dict[str, Any]) -> None:
         """Validate (and store as plain values) the adaptive projector's keys of a projected group."""
@@ -90,9 +90,43 @@ class QGaLoreAdamW(GaLoreAdamW):
             update_proj_gap=group["update_proj_gap"],
             scale=group["scale"],
             proj_type=group["proj_type"],
-            name=self._param_names.get(id(p)),
-            **{key: group[key] for key in QGALORE_GROUP_DEFAULTS},
+            name=self._param_names.get(id(p)),  # type: ignore[attr-defined]
+            # .get: groups restored from a checkpoint saved before a key existed use its default
+            **{key: group.get(key, value) for key, value in QGALORE_GROUP_DEFAULTS.items()},
         )
+
+
+class QGaLoreAdamW(_QGaLoreGroups, GaLoreAdamW):
+    """GaLoreAdamW whose projected groups use Q-GaLore's adaptive, INT4-stored projector.
+
+    Same arguments and param-group convention as :class:`~mini.galore.adamw.GaLoreAdamW`; a
+    projected group may also set the keys of :data:`QGALORE_GROUP_DEFAULTS`. Its Adam moments
+    are float32; :class:`QGaLoreAdamW8bit` has the paper's 8-bit moments.
+
+    Explained in :doc:`/book/qgalore/theory`.
+    """
+
+
+class QGaLoreAdamW8bit(_QGaLoreGroups, GaLoreAdamW8bit):
+    """Q-GaLore with the paper's 8-bit Adam moments: the adaptive INT4 projector of
+    :class:`QGaLoreAdamW` on :class:`~mini.galore.adamw8bit.GaLoreAdamW8bit`'s block-wise 8-bit
+    state (its arguments, defaults and arithmetic; bitsandbytes' AdamW8bit in the official code).
+
+    Its state is what :func:`mini.lm.memory.estimate_memory` counts for ``"qgalore"``: 8-bit
+    moments with a float32 absmax per block (float32 below ``min_8bit_size``) and the INT4
+    basis with a float32 scale and a uint8 zero point per group (``group_param_bytes=2.5``).
+
+    Explained in :doc:`/book/qgalore/theory`.
+    """
+
+    def state_bytes(self) -> dict[str, int]:
+        """:meth:`GaLoreAdamW8bit.state_bytes <mini.galore.adamw8bit.GaLoreAdamW8bit.state_bytes>`
+        with the bases counted as stored (quantized), not as dequantized on read."""
+        out = super().state_bytes()
+        out["projector"] = sum(s["projector"].basis_nbytes for s in self.state.values()
+                               if isinstance(s.get("projector"), AdaptiveProjector))
+        out["total"] = sum(v for k, v in out.items() if k != "total")
+        return out
 
 
 class Int8LayerwiseQGaLore:
@@ -109,7 +143,7 @@ class Int8LayerwiseQGaLore:
         generator: the source of the stochastic-rounding uniforms (on the layers' device);
             its state is saved in :meth:`state_dict` so a resumed run draws the same numbers.
         projector_kwargs: ``cos_threshold``, ``gamma``, ``queue_size``, ``proj_bits``,
-            ``proj_group_size`` of :class:`~mini.qgalore.projector.AdaptiveProjector`.
+            ``proj_group_size``, ``cos_rule`` of :class:`~mini.qgalore.projector.AdaptiveProjector`.
 
     Every argument is validated here (numpy integers and integral float gaps accepted), not at
     the first backward where the hooks run. The biases and every other float parameter are not
