@@ -199,9 +199,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         c2 = math.sqrt(1.0 - beta2 ** state["step"]) if group["correct_bias"] else 1.0
-        direction = m / (v.sqrt() / c2 + group["eps"])
-        self.store_moments(state, moments)
-        return direction
+        if not self.is_8bit(state):  # m, v are the stored float32 moments: keep them
+            return m / (v.sqrt() / c2 + group["eps"])
+        self.store_moments(state, moments)  # requantize first: v's and m's buffers are reused
+        den = v.sqrt_().div_(c2).add_(group["eps"])  # √V / c2 + ε, same ops as above
+        return torch.div(m, den, out=m)  # (low-rank shape) float32
 
     def step_size(self, group: dict[str, Any], step: int) -> float:
         """lr / (1 − β1ᵗ) (bitsandbytes' form: the second moment's correction sits in N)."""

@@ -3,6 +3,8 @@
 - :mod:`mini.quant.blockwise`: block-wise 8-bit quantization with the dynamic maps of 8-bit
   optimizers (Dettmers et al., ICLR 2022, arXiv 2110.02861), Triton kernels with a PyTorch
   reference; the storage of :class:`mini.galore.adamw8bit.GaLoreAdamW8bit`'s Adam moments.
+- :mod:`mini.quant.adam8bit`: the fused 8-bit Adam update (dequantize, update the moments,
+  requantize, write the update) as one Triton kernel beside its PyTorch reference.
 - :mod:`mini.quant.groupwise`: group-wise asymmetric INT4 / INT8 quantization, INT4 packing and
   stochastic rounding (Q-GaLore, Zhang et al., arXiv 2407.08296).
 
@@ -18,9 +20,11 @@ from .blockwise import (
     dynamic_map,
     linear_map,
     n_blocks,
+    nearest_code_index,
     quantize_blockwise,
     quantize_blockwise_reference,
 )
+from .adam8bit import adam8bit_update, adam8bit_update_reference
 
 from .groupwise import (
     GroupQuantized,
@@ -35,6 +39,9 @@ __all__ = [
     "dynamic_map",
     "linear_map",
     "code_midpoints",
+    "nearest_code_index",
+    "adam8bit_update",
+    "adam8bit_update_reference",
     "n_blocks",
     "quantize_blockwise",
     "dequantize_blockwise",
