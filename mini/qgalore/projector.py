@@ -10,8 +10,8 @@ Some layers' gradient subspaces settle early, so refreshing them every T steps w
 every SVD (steps where ``step % T == 0``) after the first, the projector measures how much the
 leading direction moved ::
 
-    c_t = |<p_t, p_{t-1}>| / (||p_t|| ||p_{t-1}||)          cos_rule="abs" (the default)
-    c_t =  <p_t, q_{t-1}>  / (||p_t|| ||q_{t-1}||)          cos_rule="signed" (the official code)
+    c_t = |<p_t, p_{t-1}>| / (||p_t|| ||p_{t-1}||)    cos_rule="abs" (default)
+    c_t =  <p_t, q_{t-1}>  / (||p_t|| ||q_{t-1}||)    cos_rule="signed" (official)
 
 where ``p_t`` is the leading singular vector of the new basis (first row of ``Vh`` on the right
 side, first column of ``U`` on the left or full side), ``p_{t-1}`` the same vector of the stored

@@ -8,10 +8,10 @@ Optimizers via Block-wise Quantization", ICLR 2022, arXiv 2110.02861, Section 2)
 into one kernel that reads the codes once and writes them once. This module is that kernel,
 with the PyTorch reference beside it (same signature, same arithmetic op by op)::
 
-    m  = Q_m[q_m] · N_m[b]              v  = Q_v[q_v] · N_v[b]          (dequantize, float32)
-    m  = β1·m + (1-β1)·g               v  = β2·v + (1-β2)·g²           (moments)
-    N_m[b] = max_b |m|,  q_m = nearest code of m / N_m[b]   (and the same for v)   (requantize)
-    u  = -step_size · m / (√v / c2 + ε)                                   (the update)
+    m = Q_m[q_m] · N_m[b],   v = Q_v[q_v] · N_v[b]           (dequantize, float32)
+    m = β1·m + (1-β1)·g,     v = β2·v + (1-β2)·g²            (moments)
+    N_m[b] = max_b |m|,  q_m = nearest code of m / N_m[b]    (requantize; v alike)
+    u = -step_size · m / (√v / c2 + ε)                       (the update)
 
 with ``c2 = √(1-β2ᵗ)`` and ``step_size = lr / (1-β1ᵗ)`` (bitsandbytes' Adam, as
 ``GaLoreAdamW8bit``). The codes and absmax are updated in place; ``u`` (float32, the low-rank
