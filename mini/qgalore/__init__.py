@@ -2,8 +2,8 @@
 layer-adaptive (lazy) subspace updates.
 
 Zhang et al., "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank
-Gradients", arXiv 2407.08296 (2024); official code VITA-Group/Q-GaLore. Part II, GaLore chapter
-(``book/galore/``).
+Gradients", arXiv 2407.08296 (2024); official code VITA-Group/Q-GaLore. Part II, Q-GaLore chapter
+(:doc:`/book/qgalore/theory`; GaLore itself: :doc:`/book/galore/theory`).
 
 - :mod:`mini.qgalore.projector`: :class:`~mini.qgalore.projector.AdaptiveProjector`, GaLore's
   projector with the lazy update rule (queue of ``|cos|``, or with ``cos_rule="signed"`` the

@@ -2,8 +2,8 @@
 INT8 weights with stochastic rounding.
 
 Zhang et al., "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank
-Gradients", arXiv 2407.08296 (2024), Algorithm 1; official code VITA-Group/Q-GaLore. Part II,
-GaLore chapter (``book/galore/``).
+Gradients", arXiv 2407.08296 (2024), Algorithm 1; official code VITA-Group/Q-GaLore. Part II, Q-GaLore
+chapter (:doc:`/book/qgalore/theory`; GaLore itself: :doc:`/book/galore/theory`).
 
 :class:`QGaLoreAdamW` is :class:`mini.galore.adamw.GaLoreAdamW` (same param-group convention,
 same arithmetic) whose projected groups use :class:`~mini.qgalore.projector.AdaptiveProjector`:
@@ -147,8 +147,20 @@ class Int8LayerwiseQGaLore:
 
     Every argument is validated here (numpy integers and integral float gaps accepted), not at
     the first backward where the hooks run. The biases and every other float parameter are not
-    touched: train them with an ordinary optimizer. Call :meth:`remove` to detach the hooks. Single-process: raises TypeError for a
-    model wrapped in DistributedDataParallel.
+    touched: train them with an ordinary optimizer. Call :meth:`remove` to detach the hooks.
+
+    What this per-layer path does not support, because each layer's weight is updated inside
+    backward the moment its gradient exists (that is where its memory saving comes from: no
+    dense gradient outlives its layer's backward):
+
+    - gradient accumulation: every backward call is one optimizer step (accumulate by using a
+      larger batch, or use :class:`QGaLoreAdamW` on float weights);
+    - DistributedDataParallel: the hooks would update each rank from its local gradient before
+      the all-reduce, so a wrapped model raises TypeError (use :class:`QGaLoreAdamW` with the
+      standard optimizer step under DDP);
+    - global gradient clipping or any rule that needs all gradients at once;
+    - a layer called twice in one forward (its weight changes between the two backward calls:
+      :class:`~mini.qgalore.int8_linear.Int8Linear` raises RuntimeError).
     """
 
     def __init__(

@@ -1,8 +1,9 @@
 """Q-GaLore's projector: lazy, layer-adaptive subspace updates and an INT4 projection matrix.
 
 Zhang et al., "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank
-Gradients", arXiv 2407.08296 (2024), Section 3 (official code VITA-Group/Q-GaLore). Part II,
-GaLore chapter (``book/galore/``). It extends :class:`mini.galore.projector.GaLoreProjector`.
+Gradients", arXiv 2407.08296 (2024), Section 3 (official code VITA-Group/Q-GaLore). Part II, Q-GaLore
+chapter (:doc:`/book/qgalore/theory`; GaLore itself: :doc:`/book/galore/theory`). It
+extends :class:`mini.galore.projector.GaLoreProjector`.
 
 Lazy subspace updates
 ---------------------
