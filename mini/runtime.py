@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: reading the environment
     import torch
 
 __all__ = ["Setup", "setup", "resolve_device", "DEVICE_TYPES", "notebook_threads", "cpu_budget", "cpu_kernels",
-           "cpu_model", "machine", "ENV_THREADS", "ENV_CPUS"]
+           "cpu_model", "machine", "autocast_dtype", "ENV_THREADS", "ENV_CPUS"]
 
 ENV_THREADS = "MINI_THREADS"  # torch threads of a notebook (default 1)
 ENV_CPUS = "MINI_CPUS"  # cores a notebook may keep busy (default: the machine's)
@@ -81,6 +81,33 @@ def cpu_budget() -> int:
 
 #: Device types that the library's ``device=`` arguments accept; "meta" (shapes, no data) serves tests.
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "meta")
+
+
+def autocast_dtype(x: "torch.Tensor") -> "torch.dtype | None":
+    """The dtype ``torch.autocast`` would run a linear layer in for input ``x``, or None.
+
+    None when autocast is off on ``x``'s device type or ``x`` is not eligible (autocast casts
+    floating tensors other than float64), so the layer then runs in its own dtypes. mini's
+    custom-autograd layers (SLTrain's, Q-GaLore's INT8 layer) call it to behave like
+    ``nn.Linear`` under autocast; it reads torch >= 2.4's API and falls back to the older one.
+
+    Explained in :doc:`/book/sltrain/theory`.
+    """
+    import torch
+
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    device_type = x.device.type
+    try:  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):
+        if device_type == "cpu":
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        elif device_type == "cuda":
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            return None
+    return dtype if enabled else None
 
 
 def resolve_device(device: str | torch.device | None, *, name: str = "device") -> torch.device | None:

@@ -28,6 +28,7 @@ from mini.quant.blockwise import (
     nearest_code_index,
     quantize_blockwise_reference,
 )
+from tests.triton_aot import compile_ptx
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 MAPS = {"dynamic signed": lambda: dynamic_map(True), "dynamic unsigned": lambda: dynamic_map(False),
@@ -328,23 +329,8 @@ def test_fused_kernel_compiles_for_cuda_without_a_gpu(tmp_path, monkeypatch):
     """Lower the fused kernel to PTX for sm_90 (no GPU needed): IEEE division and square root,
     no local-memory spills. Skipped where this triton lacks the ahead-of-time API or ptxas.
     """
-    import inspect
-    import os
-
-    import triton
-
     import mini.quant.adam8bit as A
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        pytest.skip("triton was imported in interpreter mode: its helpers cannot be compiled")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this triton has no ASTSource/GPUTarget")
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this triton's ASTSource takes another signature")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     ptrs = {"g_ptr": "*bf16", "qm_ptr": "*u8", "am_ptr": "*fp32", "qv_ptr": "*u8", "av_ptr": "*fp32",
             "code_m_ptr": "*fp32", "code_v_ptr": "*fp32", "mid_m_ptr": "*fp32", "mid_v_ptr": "*fp32",
             "out_ptr": "*fp32"}
@@ -352,14 +338,6 @@ def test_fused_kernel_compiles_for_cuda_without_a_gpu(tmp_path, monkeypatch):
                "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "c2": "fp32",
                "step_size": "fp32", "BLOCK": "constexpr"}
     tile, nw = bw._kernel_tile(256)
-    jit_fn = triton.runtime.jit.JITFunction(getattr(A._adam8bit_kernel, "fn", A._adam8bit_kernel))
-    try:
-        compiled = triton.compile(ASTSource(jit_fn, {**ptrs, **scalars}, constexprs={"BLOCK": tile}),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
-    except (ImportError, FileNotFoundError, RuntimeError) as err:  # no nvidia backend / ptxas
-        if "ptxas" in str(err) or "backend" in str(err).lower():
-            pytest.skip(f"no CUDA toolchain in this triton: {err}")
-        raise
-    ptx = compiled.asm["ptx"]
+    ptx = compile_ptx(A._adam8bit_kernel, {**ptrs, **scalars}, {"BLOCK": tile}, nw, tmp_path, monkeypatch)
     assert ptx.count(".local") == 0
     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx

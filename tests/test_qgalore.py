@@ -20,6 +20,7 @@ from mini.qgalore import (
     sr_update,
     sr_update_reference,
 )
+from tests.triton_aot import compile_ptx
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the Triton interpreter needs triton")
 
@@ -609,35 +610,12 @@ def test_sr_update_kernel_divides_exactly_when_compiled(tmp_path, monkeypatch):
     """Lower the kernel for sm_90 (no GPU needed): its divisions are IEEE round-to-nearest
     (``div.rn.f32``), as the reference's and the blockwise quantizer's, never the approximate
     ``div.full.f32`` Triton's ``/`` emits; so compiled kernel and reference pick the same codes."""
-    import inspect
-    import os
-
-    import triton
-
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        pytest.skip("triton was imported in interpreter mode: its helpers cannot be compiled")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this triton has no ASTSource/GPUTarget")
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this triton's ASTSource takes another signature")
     import mini.qgalore.int8_linear as K
 
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    jit_fn = triton.runtime.jit.JITFunction(getattr(K._sr_update_kernel, "fn", K._sr_update_kernel))
     sig = {"codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8", "delta_ptr": "*fp32", "rand_ptr": "*fp32",
            "codes_out_ptr": "*u8", "scale_out_ptr": "*fp32", "zero_out_ptr": "*u8", "n": "i32", "group_size": "i32",
            "BLOCK": "constexpr"}
-    try:
-        compiled = triton.compile(ASTSource(jit_fn, sig, constexprs={"BLOCK": 256}),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    except (ImportError, FileNotFoundError, RuntimeError) as err:  # no nvidia backend / ptxas
-        if "ptxas" in str(err) or "backend" in str(err).lower():
-            pytest.skip(f"no CUDA toolchain in this triton: {err}")
-        raise
-    ptx = compiled.asm["ptx"]
+    ptx = compile_ptx(K._sr_update_kernel, sig, {"BLOCK": 256}, 4, tmp_path, monkeypatch)
     assert "div.rn.f32" in ptx
     assert "div.full.f32" not in ptx and "div.approx" not in ptx
 

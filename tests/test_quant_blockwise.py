@@ -18,6 +18,7 @@ from mini.quant import (
     quantize_blockwise,
     quantize_blockwise_reference,
 )
+from tests.triton_aot import compile_ptx
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
@@ -256,40 +257,17 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path, monkeypatch):
     after an interpreted run in the same process. Best effort: skipped where this triton lacks
     the ahead-of-time API used here (< 3.3) or a CUDA toolchain.
     """
-    import inspect
-    import os
-
-    import triton
-
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        pytest.skip("triton was imported in interpreter mode: its helpers cannot be compiled")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this triton has no ASTSource/GPUTarget")
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this triton's ASTSource takes another signature")
     import mini.quant.blockwise as K
 
     quantize_blockwise(torch.randn(300), dynamic_map(), backend="interpret")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     sigs = {
         K._quantize_blockwise_kernel: {"x_ptr": "*fp32", "mid_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32"},
         K._dequantize_blockwise_kernel: {"q_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": "*bf16"},
     }
     tile, nw = K._kernel_tile(256)
     for kern, ptrs in sigs.items():
-        jit_fn = triton.runtime.jit.JITFunction(getattr(kern, "fn", kern))
         sig = {**ptrs, "n": "i32", "block_size": "i32", "BLOCK": "constexpr"}
-        try:
-            compiled = triton.compile(ASTSource(jit_fn, sig, constexprs={"BLOCK": tile}),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
-        except (ImportError, FileNotFoundError, RuntimeError) as err:  # no nvidia backend / ptxas
-            if "ptxas" in str(err) or "backend" in str(err).lower():
-                pytest.skip(f"no CUDA toolchain in this triton: {err}")
-            raise
-        ptx = compiled.asm["ptx"]
+        ptx = compile_ptx(kern, sig, {"BLOCK": tile}, nw, tmp_path, monkeypatch)
         assert ptx.count(".local") == 0
         if "quantize_blockwise_kernel" in kern.__name__ and "dequant" not in kern.__name__:
             assert "div.rn.f32" in ptx  # IEEE division, as the reference

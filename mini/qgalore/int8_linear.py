@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from mini.kernels.dispatch import HAS_TRITON, check_same_device, check_tensor, kernel_op
+from mini.runtime import autocast_dtype
 from mini.quant.groupwise import quantize_groupwise
 
 __all__ = ["Int8Linear", "sr_update", "sr_update_reference", "update_bytes"]
@@ -234,27 +235,6 @@ def update_bytes(numel: int, group_size: int) -> int:
     return numel * (1 + 4 + 4 + 1) + n_groups * 2 * (4 + 1)
 
 
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype ``torch.autocast`` would run a linear layer in for input ``x``, or None.
-
-    None when autocast is off on ``x``'s device type or ``x`` is not eligible (autocast casts
-    floating tensors other than float64), so the layer then runs in its own dtypes.
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
-        return None
-    device_type = x.device.type
-    try:  # torch >= 2.4
-        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):
-        if device_type == "cpu":
-            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        elif device_type == "cuda":
-            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-        else:
-            return None
-    return dtype if enabled else None
-
-
 class _Int8LinearFn(torch.autograd.Function):
     """``y = x Wᵀ + b`` with ``W`` dequantized from the layer's INT8 codes in forward and again in
     backward: only ``x`` is saved, never a dense copy of ``W`` (as the official ``W8Linear``)."""
@@ -376,7 +356,7 @@ class Int8Linear(nn.Module):
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         if dtype is not None:  # torch.autocast: compute in its dtype, as nn.Linear does
             bias = None if self.bias is None else self.bias.to(dtype)  # differentiable cast
             with torch.autocast(x.device.type, enabled=False):

@@ -71,6 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from mini.kernels.dispatch import BACKENDS, current_backend, resolve_backend
+from mini.runtime import autocast_dtype
 from mini.lm.lowrank import best_rank_approximation, check_features, check_rank_for
 from mini.sltrain.kernel import (
     KERNEL_DTYPES,
@@ -239,27 +240,6 @@ def _check_input(x: Any, A: Tensor) -> None:
                         f"cast one of them (x.to({A.dtype}) or layer.to({x.dtype}))")
     if x.device != A.device:
         raise ValueError(f"x is on {x.device} but the layer's parameters are on {A.device}")
-
-
-def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The dtype ``torch.autocast`` would run a linear layer in for input ``x``, or None.
-
-    None when autocast is off on ``x``'s device type or ``x`` is not eligible (autocast casts
-    floating tensors other than float64), so the layer then runs in its own dtypes.
-    """
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
-        return None
-    device_type = x.device.type
-    try:  # torch >= 2.4
-        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):
-        if device_type == "cpu":
-            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        elif device_type == "cuda":
-            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-        else:
-            return None
-    return dtype if enabled else None
 
 
 def sparse_lowrank_linear(
@@ -457,7 +437,7 @@ class SparseLowRankLinear(nn.Module):
         back in their own dtype) and the output has that dtype.
         """
         A, B, values, bias = self.A, self.B, self.values, self.bias
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         if dtype is not None:
             x, A, B, values = x.to(dtype), A.to(dtype), B.to(dtype), values.to(dtype)
             bias = None if bias is None else bias.to(dtype)
