@@ -20,7 +20,14 @@ See the book's :doc:`introduction </book/intro>`.
 """
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft and by transformers' Trainer) warns at import, on CPUs with
+# AVX512-BF16, that the optional `kernels` package for its 4-bit CPU matmul is missing; mini never
+# runs that matmul. Only that module's logger is quieted, and only below ERROR.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["__version__", "versions", "setup", "table"]
 

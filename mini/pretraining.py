@@ -27,14 +27,15 @@ method             what trains, and with what
                    (:func:`~mini.lm.lowrank.apply_lora`); embeddings, norms, head trained
 ``galore8bit``     as ``galore`` with 8-bit block-wise moments
                    (:class:`~mini.galore.adamw8bit.GaLoreAdamW8bit`)
-``qgalore``        as ``galore`` with Q-GaLore's projector: INT4 basis and lazy (adaptive)
-                   subspace updates (:class:`~mini.qgalore.optimizer.QGaLoreAdamW`); float
-                   weights and float32 moments
+``qgalore``        as ``galore8bit`` with Q-GaLore's projector: INT4 basis and lazy
+                   (adaptive) subspace updates, 8-bit moments
+                   (:class:`~mini.qgalore.optimizer.QGaLoreAdamW8bit`); float weights
 ``qgalore_int8``   Q-GaLore's INT8 path: the projections become
                    :class:`~mini.qgalore.int8_linear.Int8Linear` (INT8 group-wise weights)
                    updated in their gradient hooks by
                    :class:`~mini.qgalore.optimizer.Int8LayerwiseQGaLore` (INT4 adaptive
-                   projector, stochastic rounding); embeddings, norms, head with AdamW
+                   projector, 8-bit moments, stochastic rounding); embeddings, norms, head
+                   with 8-bit AdamW (:class:`~mini.galore.adamw8bit.GaLoreAdamW8bit`)
 ``sltrain``        the projections replaced by ``(α/r)·B A + S`` with S on a random fixed
                    support of density δ (:func:`~mini.sltrain.convert.convert_to_sltrain`;
                    Han et al., "SLTrain", NeurIPS 2024, arXiv 2406.02214; SLTrain chapter,
@@ -46,9 +47,9 @@ steps, then cosine decay to ``min_lr_ratio`` of the peak (:class:`CosineSchedule
 clipping is left to the trainer's config; the lab turns it off for every method, because the
 INT8 path updates its weights inside backward, where a global norm cannot be taken.
 
-Differences from the papers, and why: the models are tiny (0.8M parameters), the moments of
-``qgalore`` and ``qgalore_int8`` stay float32 (the paper's Q-GaLore also keeps them in 8 bits:
-that is ``galore8bit``'s concern here), and ReLoRA is not included.
+Differences from the papers, and why: the models are tiny (0.8M parameters), and ReLoRA is not
+included. ``qgalore`` and ``qgalore_int8`` keep the paper's 8-bit moments, so their measured
+state is what :func:`mini.lm.memory.estimate_memory` counts for ``"qgalore"``.
 
 Explained in :doc:`/labs/galore/pretraining`.
 """
@@ -66,8 +67,9 @@ from torch import nn
 from mini.galore import GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
 from mini.lm.lowrank import apply_lora, replace_linears, to_low_rank
 from mini.lm.measure import DEFAULT_MMAP_THRESHOLD, RunSpec, TrainSetup
+from mini.lm.memory import tensor_breakdown
 from mini.lm.trainer import TrainerConfig, place_model
-from mini.qgalore import Int8LayerwiseQGaLore, Int8Linear, QGaLoreAdamW
+from mini.qgalore import Int8LayerwiseQGaLore, Int8Linear, QGaLoreAdamW8bit
 from mini.sltrain import convert_to_sltrain
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "CosineSchedule",
     "setup_method",
     "run_spec",
+    "run_memory",
 ]
 
 #: The methods :func:`setup_method` knows, in the lab's order.
@@ -87,8 +90,8 @@ PRETRAINING_METHODS: tuple[str, ...] = (
 )
 
 #: The :data:`mini.lm.memory.METHODS` entry that models each method's memory (the analytic
-#: column of the lab's table); ``qgalore`` and ``qgalore_int8`` are the paper's Q-GaLore, whose
-#: 8-bit moments ours do not have.
+#: column of the lab's table); ``qgalore`` and ``qgalore_int8`` are the paper's Q-GaLore (8-bit
+#: moments, INT4 bases; ``qgalore_int8`` also has the INT8 weights the estimator counts).
 MEMORY_METHOD: dict[str, str] = {
     "adamw": "adam", "galore": "galore", "galore_pm": "galore", "low_rank": "low_rank",
     "lora": "lora", "galore8bit": "galore8bit", "qgalore": "qgalore", "qgalore_int8": "qgalore",
@@ -97,7 +100,7 @@ MEMORY_METHOD: dict[str, str] = {
 
 
 #: What every run's process imports first (the baseline too, so its peak memory carries them).
-PRELOAD: tuple[str, ...] = ("torch", "transformers", "peft", "mini.lm", "mini.galore", "mini.qgalore",
+PRELOAD: tuple[str, ...] = ("mini", "torch", "transformers", "peft", "mini.lm", "mini.galore", "mini.qgalore",
                             "mini.pretraining")
 
 
@@ -215,6 +218,42 @@ class CosineSchedule:
         self._apply()
 
 
+def run_memory(config: Any, method: str, rank: int, **options: Any) -> dict[str, float]:
+    """What :mod:`mini.lm.memory` counts for one run of ``method`` in this module's setups, in bytes.
+
+    Keys: ``weights`` (float32 weights; LoRA's adapters and the low-rank factors as built;
+    INT8 codes with a float32 scale and a uint8 zero point per group of 256 for the projections
+    of ``qgalore_int8``), ``weights_added`` (``weights`` minus the float32 model a baseline
+    process holds: negative where a method replaces dense weights), ``grads`` (alive at the
+    peak: all of them, except for ``qgalore_int8``, whose projections' gradients live one at a
+    time inside backward while the other parameters' are kept for the optimizer's step),
+    ``state`` (moments and projection bases as the optimizers store them: float32, 8-bit
+    codes with a float32 absmax per block of 256, INT4 bases with a float32 scale and a uint8
+    zero point per group). ``options`` go to :func:`~mini.lm.memory.tensor_breakdown` (for
+    example SLTrain's ``density``).
+
+    Explained in :doc:`/labs/galore/pretraining`.
+    """
+    if method not in MEMORY_METHOD:
+        raise ValueError(f"method must be one of {list(MEMORY_METHOD)}, got {method!r}")
+    mm = MEMORY_METHOD[method]
+    kw: dict[str, Any] = dict(weight_bytes=4, state_bytes=4, proj_bits=32)
+    if mm == "qgalore":  # INT4 bases: float32 scale + uint8 zero point = 2.5 bytes per group parameter
+        kw.update(proj_bits=4, group_param_bytes=2.5)
+    kw.update(options)
+    tensors = tensor_breakdown(config, mm, rank=rank if mm != "adam" else None, **kw)
+    float_model = {t.name: t.weights for t in tensor_breakdown(config, "adam", weight_bytes=4)}
+    weights = 0.0
+    for t in tensors:  # the float path of Q-GaLore keeps float32 weights
+        weights += float_model[t.name] if method == "qgalore" else t.weights
+    if method == "qgalore_int8":
+        grads = sum(t.grads for t in tensors if not t.projected) + max(t.grads for t in tensors if t.projected)
+    else:
+        grads = sum(t.grads for t in tensors)
+    return {"weights": weights, "weights_added": weights - sum(float_model.values()), "grads": grads,
+            "state": sum(t.states + t.projector for t in tensors)}
+
+
 class _MomentsAndBases:
     """The per-layer optimizer's state without its rounding generator (5 KB of RNG state that is
     not optimizer state in the papers' sense): what :func:`~mini.lm.measure.state_bytes` counts."""
@@ -272,7 +311,7 @@ def setup_method(
         optimizer = GaLoreAdamW8bit(_galore_groups(model, hp), **_adam_kwargs(hp))
         info = lambda: {"n_svd": optimizer.n_svd()}  # noqa: E731
     elif method == "qgalore":
-        optimizer = QGaLoreAdamW(_galore_groups(model, hp), **_adam_kwargs(hp))
+        optimizer = QGaLoreAdamW8bit(_galore_groups(model, hp), **_adam_kwargs(hp))
         info = lambda: {"n_svd": optimizer.n_svd()}  # noqa: E731
     elif method == "low_rank":
         report = to_low_rank(model, hp.rank, seed=hp.seed)
@@ -292,7 +331,7 @@ def setup_method(
         generator = torch.Generator(device=dev).manual_seed(hp.seed)  # on the layers' device
         layerwise = Int8LayerwiseQGaLore(model, rank=hp.rank, update_proj_gap=hp.update_proj_gap, scale=hp.scale,
                                          generator=generator, **_adam_kwargs(hp))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **_adam_kwargs(hp))
+        optimizer = GaLoreAdamW8bit([p for p in model.parameters() if p.requires_grad], **_adam_kwargs(hp))
         holders = [optimizer, _MomentsAndBases(layerwise)]
         int8_bytes = sum(m.nbytes for m in model.modules() if isinstance(m, Int8Linear))
         info = lambda: {"n_svd": layerwise.n_svd(), "int8_weight_bytes": int8_bytes,  # noqa: E731

@@ -15,6 +15,7 @@ from mini.pretraining import (
     PRETRAINING_METHODS,
     CosineSchedule,
     PretrainHParams,
+    run_memory,
     run_spec,
     setup_method,
 )
@@ -61,12 +62,17 @@ def test_state_bytes_equal_the_estimate(results, cfg):
         assert results[m].state_bytes == est.state_bytes + est.projector_bytes, m
         assert results[m].n_trainable == est.n_trainable, m
     assert results["galore8bit"].state_bytes < results["galore"].state_bytes  # some moments are 8-bit
-    # Q-GaLore: float32 moments as GaLore, the basis INT4 (packed) with a float32 scale and a
-    # uint8 zero point per group of 256
-    galore = estimate_memory(cfg, "galore", rank=RANK, weight_bytes=4, state_bytes=4, proj_bits=32)
-    qg = estimate_memory(cfg, "qgalore", rank=RANK, group_param_bytes=2.5)  # (4 + 1) / 2 per group
-    assert results["qgalore"].state_bytes == galore.state_bytes + qg.projector_bytes
+    # Q-GaLore, both paths: the paper's 8-bit moments (float32 below 4096 elements), the basis
+    # INT4 (packed) with a float32 scale and a uint8 zero point per group of 256
+    qg = estimate_memory(cfg, "qgalore", rank=RANK, weight_bytes=4, state_bytes=4, proj_bits=4,
+                         group_param_bytes=2.5)  # (4 + 1) / 2 per group
+    assert results["qgalore"].state_bytes == qg.state_bytes + qg.projector_bytes
     assert results["qgalore_int8"].state_bytes == results["qgalore"].state_bytes  # rounding RNG not counted
+    assert results["qgalore"].state_bytes < results["galore8bit"].state_bytes  # INT4 bases
+    # the INT8 weights: codes, a float32 scale and a uint8 zero point per group, as counted
+    int8 = qg.weight_bytes - estimate_memory(cfg, "galore", rank=RANK, weight_bytes=4).weight_bytes + sum(
+        4 * p.numel() for n, p in build_model(cfg).named_parameters() if n.endswith("proj.weight"))
+    assert results["qgalore_int8"].info["int8_weight_bytes"] == int8
 
 
 def test_trainable_sets(results, cfg):
@@ -164,3 +170,24 @@ def test_lora_setup_is_seeded(cfg):
     name = next(n for n in pa if "lora_A" in n)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
     assert not torch.equal(pa[name], pc[name])
+
+
+def test_run_memory_counts_what_the_runs_hold(results, cfg):
+    """run_memory's state is every run's measured state, byte for byte; its weights are the INT8
+    path's codes and the float model's otherwise; its gradients are the INT8 path's peak."""
+    for m in ("adamw", "galore", "galore8bit", "low_rank", "lora", "qgalore", "qgalore_int8"):
+        assert run_memory(cfg, m, RANK)["state"] == results[m].state_bytes, m
+    n_float = 4 * results["adamw"].n_params
+    full = run_memory(cfg, "adamw", RANK)
+    assert full["weights"] == full["grads"] == n_float and full["weights_added"] == 0
+    assert run_memory(cfg, "qgalore", RANK)["weights_added"] == 0  # float weights, INT4 bases
+    int8 = run_memory(cfg, "qgalore_int8", RANK)
+    assert int8["weights_added"] == results["qgalore_int8"].info["int8_weight_bytes"] - 4 * sum(
+        p.numel() for n, p in build_model(cfg).named_parameters() if n.endswith("proj.weight"))
+    shapes = {n: p.shape for n, p in build_model(cfg).named_parameters()}
+    kept = sum(4 * math.prod(s) for n, s in shapes.items() if not n.endswith("proj.weight"))
+    largest = max(4 * math.prod(s) for n, s in shapes.items() if n.endswith("proj.weight"))
+    assert int8["grads"] == kept + largest
+    assert run_memory(cfg, "low_rank", 8)["weights_added"] < 0 < run_memory(cfg, "lora", 8)["weights_added"]
+    with pytest.raises(ValueError, match="method must be one of .* got 'adam'"):
+        run_memory(cfg, "adam", RANK)

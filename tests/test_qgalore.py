@@ -16,6 +16,7 @@ from mini.qgalore import (
     Int8LayerwiseQGaLore,
     Int8Linear,
     QGaLoreAdamW,
+    QGaLoreAdamW8bit,
     quantize_groupwise,
     sr_update,
     sr_update_reference,
@@ -414,7 +415,8 @@ def test_layerwise_step_matches_a_manual_step():
     model = _int8_model(2)
     layer = model[0]
     gen = torch.Generator().manual_seed(7)
-    opt = Int8LayerwiseQGaLore(model, rank=4, update_proj_gap=5, scale=0.5, lr=1e-2, weight_decay=0.1, generator=gen)
+    opt = Int8LayerwiseQGaLore(model, rank=4, update_proj_gap=5, scale=0.5, lr=1e-2, weight_decay=0.1, generator=gen,
+                               optim_bits=32)
     # the manual step, from a float copy of the dequantized weight
     w0 = layer.dequantized_weight()
     ref = nn.Linear(24, 32)
@@ -438,6 +440,48 @@ def test_layerwise_step_matches_a_manual_step():
     assert float((layer.codes == codes).float().mean()) > 0.99
     assert bool(((got - expected).abs() <= step * 1.0001).all())
     assert opt.n_svd() == 1 and opt.states[0]["step"] == 1
+
+
+def test_layerwise_8bit_moments_are_qgalore_adamw8bit_state():
+    """The default per-layer path keeps the paper's 8-bit moments: one hook step leaves the same
+    codes and absmax as QGaLoreAdamW8bit's step on a float copy of the layer, and moves the
+    weight by that step's update within one INT8 rounding step; float32 moments (optim_bits=32)
+    hold the same values within the 8-bit quantization error."""
+    torch.manual_seed(5)
+    lin = nn.Linear(128, 96)
+    layer = Int8Linear.from_linear(lin, group_size=64)
+    x = torch.randn(32, 128)
+    y = torch.randn(32, 96)
+    ref = nn.Linear(128, 96)
+    with torch.no_grad():
+        ref.weight.copy_(layer.dequantized_weight())
+        ref.bias.copy_(layer.bias)
+    w0 = ref.weight.detach().clone()
+    kw = dict(rank=48, update_proj_gap=5, scale=0.5, lr=1e-2)
+    opt = Int8LayerwiseQGaLore([layer], generator=torch.Generator().manual_seed(0), **kw)
+    ref_opt = QGaLoreAdamW8bit([{"params": [ref.weight], "rank": 48, "update_proj_gap": 5, "scale": 0.5}],
+                               lr=1e-2, eps=1e-6, weight_decay=0.0)
+    F.mse_loss(layer(x), y).backward()
+    F.mse_loss(ref(x), y).backward()
+    ref_opt.step()
+    got, want = opt.states[0], ref_opt.state[ref.weight]
+    assert got["exp_avg"].dtype == torch.uint8 and got["exp_avg"].numel() >= 4096  # 8-bit, not the fallback
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(got[key], want[key]), key
+        torch.testing.assert_close(got[key + "_absmax"], want[key + "_absmax"])
+    step = layer.scale.repeat_interleave(64)[: 96 * 128].view(96, 128)
+    assert bool(((layer.dequantized_weight() - ref.weight.detach()).abs() <= step * 1.0001).all())
+    assert float((ref.weight.detach() - w0).abs().max()) > 0  # the step moved the weight
+    # float32 moments: the same values, up to the 8-bit codes' error
+    layer32 = Int8Linear.from_linear(lin, group_size=64)
+    opt32 = Int8LayerwiseQGaLore([layer32], generator=torch.Generator().manual_seed(0), optim_bits=32, **kw)
+    F.mse_loss(layer32(x), y).backward()
+    m8 = opt.moments.load_moments(got)["exp_avg"]
+    m32 = opt32.states[0]["exp_avg"]
+    assert m32.dtype == torch.float32 and opt32.moments is None
+    assert float((m8 - m32).norm() / m32.norm()) < 0.05
+    with pytest.raises(ValueError, match="optim_bits must be 8 .* or 32 .*, got 16"):
+        Int8LayerwiseQGaLore([layer], rank=2, optim_bits=16)
 
 
 def test_layerwise_training_reduces_the_loss_and_resumes_exactly():
@@ -699,3 +743,22 @@ def test_cos_rule_state_dict_and_errors():
     lw = Int8LayerwiseQGaLore([layer], rank=2, cos_rule="signed")
     layer(torch.randn(3, 16)).sum().backward()
     assert lw.states[0]["projector"].cos_rule == "signed"
+
+
+def test_sr_reference_in_chunks_equals_one_pass(monkeypatch):
+    """The reference runs over chunks of groups (bounded temporaries); the result is the same as
+    one pass over every group, a short last group included (300 x 701 weights, groups of 256)."""
+    import mini.qgalore.int8_linear as il
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 701, generator=gen)
+    qt = quantize_groupwise(w, bits=8, group_size=256)
+    codes = qt.codes().view(300, 701).clone()
+    delta = 0.01 * torch.randn(300, 701, generator=gen)
+    rand = torch.rand(300, 701, generator=gen)
+    chunked = il.sr_update_reference(codes, qt.scale, qt.zero, delta, rand, 256)
+    monkeypatch.setattr(il, "_SR_CHUNK", 1 << 30)
+    whole = il.sr_update_reference(codes, qt.scale, qt.zero, delta, rand, 256)
+    assert 300 * 701 > 3 * (1 << 16) and (300 * 701) % 256
+    for a, b in zip(chunked, whole):
+        assert torch.equal(a, b)

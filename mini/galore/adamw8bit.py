@@ -79,47 +79,23 @@ from mini.quant.blockwise import dequantize_blockwise, dynamic_map, quantize_blo
 from .adamw import GaLoreAdamW
 from .projector import GaLoreProjector
 
-__all__ = ["GaLoreAdamW8bit", "optimizer_state_bytes"]
+__all__ = ["BlockwiseMoments", "GaLoreAdamW8bit", "optimizer_state_bytes"]
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (state key, signed map?)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 
-class GaLoreAdamW8bit(GaLoreAdamW):
-    """GaLoreAdamW with 8-bit block-wise quantized Adam moments (bitsandbytes' Adam arithmetic).
+class BlockwiseMoments:
+    """Adam's two moments kept as 8-bit block-wise codes (bitsandbytes' layout and arithmetic).
 
-    Explained in :doc:`/labs/galore/memory_tables`.
-
-    Args:
-        params: parameters or param groups; a group with ``"rank"`` (and ``"update_proj_gap"``,
-            ``"scale"``, ``"proj_type"``) is projected, as in galore-torch.
-        lr, betas, eps, weight_decay: Adam's hyperparameters (defaults of galore-torch's
-            GaLoreAdamW8bit: 1e-3, (0.9, 0.999), 1e-8, 1e-2).
-        correct_bias: bias-correct the moments (default True).
-        project_moments: carry the moments into the new subspace at a switch (default False).
-        block_size: values sharing one absmax (default 256, bitsandbytes' optimizer block).
-        min_8bit_size: moments with fewer elements stay float32 (default 4096, bitsandbytes).
-        backend: quantization backend, ``"auto"`` (Triton on CUDA, PyTorch on CPU),
-            ``"triton"``, ``"interpret"`` or ``"reference"``.
-
-    State per parameter: ``step``; 8-bit: ``exp_avg`` / ``exp_avg_sq`` uint8 codes (low-rank
-    shape) and ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` float32 (n_blocks,); or float32
-    ``exp_avg`` / ``exp_avg_sq`` below ``min_8bit_size``; ``projector`` for projected groups.
+    The storage and update shared by :class:`GaLoreAdamW8bit` and the per-layer INT8 path of
+    Q-GaLore (:class:`~mini.qgalore.optimizer.Int8LayerwiseQGaLore`): a state dict holds
+    ``exp_avg`` / ``exp_avg_sq`` as uint8 codes with float32 ``*_absmax`` per block, or float32
+    moments when a tensor has fewer than ``min_8bit_size`` elements. Arguments as
+    :class:`GaLoreAdamW8bit`'s.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        correct_bias: bool = True,
-        project_moments: bool = False,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
-        backend: str = "auto",
-    ) -> None:
+    def __init__(self, block_size: int = 256, min_8bit_size: int = 4096, backend: str = "auto") -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
@@ -130,17 +106,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         self.min_8bit_size = min_8bit_size
         self.backend = backend
         self._codes: dict[tuple[bool, torch.device], Tensor] = {}
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            correct_bias=correct_bias,
-            project_moments=project_moments,
-        )
 
-    # ----------------------------------------------------------------------------- helpers
     def code(self, signed: bool, device: torch.device) -> Tensor:
         """The dynamic map (signed for M, unsigned for V) on ``device`` (cached)."""
         key = (signed, torch.device(device))
@@ -178,32 +144,91 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 out=(state[key], state[key + "_absmax"]), backend=self.backend, validate=False,
             )
 
-    # ----------------------------------------------------------------------------- extension surface
-    def init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> None:
-        """Moments in the (low-rank) shape of ``grad``: 8-bit codes + absmax, or float32 if small."""
-        if grad.numel() >= self.min_8bit_size:
-            nb = -(-grad.numel() // self.block_size)
+    def init_moments(self, state: dict[str, Any], like: Tensor) -> None:
+        """Zero moments in the shape of ``like``: 8-bit codes + absmax, or float32 if small."""
+        if like.numel() >= self.min_8bit_size:
+            nb = -(-like.numel() // self.block_size)
             for key, _ in _MOMENTS:
-                state[key] = torch.zeros(grad.shape, dtype=torch.uint8, device=grad.device)  # codes
-                state[key + "_absmax"] = torch.zeros(nb, dtype=torch.float32, device=grad.device)  # 0 => value 0
+                state[key] = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)  # codes
+                state[key + "_absmax"] = torch.zeros(nb, dtype=torch.float32, device=like.device)  # 0 => value 0
         else:
             for key, _ in _MOMENTS:
-                state[key] = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+                state[key] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
 
-    def adam_direction(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> Tensor:
-        """Dequantize, update the moments with ``grad``, requantize; return M / (√V / c2 + ε)."""
-        beta1, beta2 = group["betas"]
+    def update_moments(
+        self, state: dict[str, Any], grad: Tensor, betas: tuple[float, float], eps: float, step: int,
+        correct_bias: bool = True,
+    ) -> Tensor:
+        """Dequantize, update the moments with ``grad`` at ``step`` (1, 2, …), requantize; return
+        the float32 direction M / (√V / c2 + ε) (bitsandbytes' form; the step is lr / c1)."""
+        beta1, beta2 = betas
         g = grad.float()
         moments = self.load_moments(state)
         m, v = moments["exp_avg"], moments["exp_avg_sq"]  # float32, low-rank shape
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        c2 = math.sqrt(1.0 - beta2 ** state["step"]) if group["correct_bias"] else 1.0
+        c2 = math.sqrt(1.0 - beta2**step) if correct_bias else 1.0
         if not self.is_8bit(state):  # m, v are the stored float32 moments: keep them
-            return m / (v.sqrt() / c2 + group["eps"])
+            return m / (v.sqrt() / c2 + eps)
         self.store_moments(state, moments)  # requantize first: v's and m's buffers are reused
-        den = v.sqrt_().div_(c2).add_(group["eps"])  # √V / c2 + ε, same ops as above
+        den = v.sqrt_().div_(c2).add_(eps)  # √V / c2 + ε, same ops as above
         return torch.div(m, den, out=m)  # (low-rank shape) float32
+
+
+class GaLoreAdamW8bit(GaLoreAdamW, BlockwiseMoments):
+    """GaLoreAdamW with 8-bit block-wise quantized Adam moments (bitsandbytes' Adam arithmetic).
+
+    Explained in :doc:`/labs/galore/memory_tables`.
+
+    Args:
+        params: parameters or param groups; a group with ``"rank"`` (and ``"update_proj_gap"``,
+            ``"scale"``, ``"proj_type"``) is projected, as in galore-torch.
+        lr, betas, eps, weight_decay: Adam's hyperparameters (defaults of galore-torch's
+            GaLoreAdamW8bit: 1e-3, (0.9, 0.999), 1e-8, 1e-2).
+        correct_bias: bias-correct the moments (default True).
+        project_moments: carry the moments into the new subspace at a switch (default False).
+        block_size: values sharing one absmax (default 256, bitsandbytes' optimizer block).
+        min_8bit_size: moments with fewer elements stay float32 (default 4096, bitsandbytes).
+        backend: quantization backend, ``"auto"`` (Triton on CUDA, PyTorch on CPU),
+            ``"triton"``, ``"interpret"`` or ``"reference"``.
+
+    State per parameter: ``step``; 8-bit: ``exp_avg`` / ``exp_avg_sq`` uint8 codes (low-rank
+    shape) and ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` float32 (n_blocks,); or float32
+    ``exp_avg`` / ``exp_avg_sq`` below ``min_8bit_size``; ``projector`` for projected groups.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        correct_bias: bool = True,
+        project_moments: bool = False,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+        backend: str = "auto",
+    ) -> None:
+        BlockwiseMoments.__init__(self, block_size, min_8bit_size, backend)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            project_moments=project_moments,
+        )
+
+    # ----------------------------------------------------------------------------- extension surface
+    def init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> None:
+        """Moments in the (low-rank) shape of ``grad``: 8-bit codes + absmax, or float32 if small."""
+        self.init_moments(state, grad)
+
+    def adam_direction(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> Tensor:
+        """Dequantize, update the moments with ``grad``, requantize; return M / (√V / c2 + ε)."""
+        return self.update_moments(state, grad, group["betas"], group["eps"], state["step"], group["correct_bias"])
 
     def step_size(self, group: dict[str, Any], step: int) -> float:
         """lr / (1 − β1ᵗ) (bitsandbytes' form: the second moment's correction sits in N)."""

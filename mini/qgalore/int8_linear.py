@@ -158,14 +158,40 @@ def sr_update_reference(
     ``codes`` uint8 (any shape, groups over the flattened weight), ``scale`` float32 and
     ``zero`` uint8 ``(n_groups,)``, ``delta`` and ``rand`` float32 of the weight's shape.
 
+    Groups are independent, so the reference runs over chunks of groups (about 64K weights
+    each): its float32 temporaries stay a few chunks' worth instead of several copies of the
+    weight, which matters on the CPU, where this is what ``sr_update`` runs inside backward.
+
     Explained in :doc:`/book/qgalore/theory`.
     """
     n, n_groups = _check_update_args(codes, scale, zero, delta, rand, group_size)
     out = _outputs(out, codes, scale, zero)
+    q_all, d_all, u_all = codes.reshape(-1), delta.reshape(-1), rand.reshape(-1)
+    out_codes = out[0].view(-1)
+    chunk = max(1, _SR_CHUNK // group_size)  # groups per chunk
+    for g0 in range(0, n_groups, chunk):
+        g1 = min(n_groups, g0 + chunk)
+        a, b = g0 * group_size, min(n, g1 * group_size)
+        r, s_new, z_new = _sr_groups(q_all[a:b], d_all[a:b], u_all[a:b], zero[g0:g1], scale[g0:g1], group_size)
+        out_codes[a:b].copy_(r)
+        out[1][g0:g1].copy_(s_new)
+        out[2][g0:g1].copy_(z_new)
+    return out  # type: ignore[return-value]
+
+
+_SR_CHUNK = 1 << 16  # weights per chunk of the reference
+
+
+def _sr_groups(
+    codes: torch.Tensor, delta: torch.Tensor, rand: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of whole groups (the last may be short): new uint8 codes (n,), scales, zeros."""
+    n_groups = zero.numel()
+    n = codes.numel()
     pad = n_groups * group_size - n
-    q = codes.reshape(-1).float()
-    d = delta.reshape(-1)
-    u = rand.reshape(-1)
+    q = codes.float()
+    d, u = delta, rand
     valid = torch.ones(n, dtype=torch.bool, device=codes.device)
     if pad:
         q = torch.cat([q, q.new_zeros(pad)])
@@ -183,10 +209,7 @@ def sr_update_reference(
     y = w / s_new[:, None] + z_new[:, None]
     f = torch.floor(y)
     r = (f + (u < y - f).float()).clamp_(0.0, 255.0)
-    out[0].view(-1).copy_(r.reshape(-1)[:n].to(torch.uint8))
-    out[1].copy_(s_new)
-    out[2].copy_(z_new.to(torch.uint8))
-    return out  # type: ignore[return-value]
+    return r.reshape(-1)[:n].to(torch.uint8), s_new, z_new.to(torch.uint8)
 
 
 @kernel_op(reference=sr_update_reference, name="sr_update")

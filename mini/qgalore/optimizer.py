@@ -19,15 +19,17 @@ and what :func:`mini.lm.memory.estimate_memory` counts for ``"qgalore"`` (tested
 layer's dense gradient G exists (during backward; it is never stored), runs ::
 
     R = project(G)                             (adaptive INT4 projector)
-    M = β1 M + (1 − β1) R,  V = β2 V + (1 − β2) R²,  N = M / (√V + ε)
-    η = lr √(1 − β2ᵗ) / (1 − β1ᵗ)
+    M = β1 M + (1 − β1) R,  V = β2 V + (1 − β2) R²  (stored in 8 bits)
+    N = M / (√V / c2 + ε),  η = lr / c1      c1 = 1 − β1ᵗ, c2 = √(1 − β2ᵗ)
     W' = (W − η · project_back(N)) (1 − lr λ)  (GaLoreAdamW's order: update, decay)
     W ← SR-requantize(W + (W' − W))            (Int8Linear.apply_update_'s kernel)
 
-Differences from the official code: the official per-layer path uses bitsandbytes' 8-bit Adam
-(CUDA only) for M and V; here they are float32 (:class:`QGaLoreAdamW8bit` has 8-bit moments
-for the ordinary optimizer step). It is single-process: the hooks update weights during backward,
-which does not combine with DistributedDataParallel's gradient all-reduce.
+M and V are stored as bitsandbytes' 8-bit block-wise codes, as the official per-layer path
+does with bitsandbytes' 8-bit Adam (CUDA only); here the same state
+(:class:`~mini.galore.adamw8bit.BlockwiseMoments`) runs on CPU too, and ``optim_bits=32``
+keeps float32 moments with GaLoreAdamW's form ``η = lr·c2/c1``, ``N = M / (√V + ε)``. It is
+single-process: the hooks update weights during backward, which does not combine with
+DistributedDataParallel's gradient all-reduce.
 
 Explained in :doc:`/book/qgalore/theory`.
 """
@@ -41,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from mini.galore.adamw import GaLoreAdamW, check_adam_hparams
-from mini.galore.adamw8bit import GaLoreAdamW8bit
+from mini.galore.adamw8bit import BlockwiseMoments, GaLoreAdamW8bit
 from mini.galore.projector import (
     GaLoreProjector,
     check_proj_type,
@@ -142,6 +144,11 @@ class Int8LayerwiseQGaLore:
         lr, betas, eps, weight_decay: Adam's (official per-layer path: betas (0.9, 0.999)).
         generator: the source of the stochastic-rounding uniforms (on the layers' device);
             its state is saved in :meth:`state_dict` so a resumed run draws the same numbers.
+        optim_bits: 8 (default, the paper's): the moments are stored block-wise in 8 bits with
+            bitsandbytes' arithmetic (:class:`~mini.galore.adamw8bit.BlockwiseMoments`, the
+            state of :class:`~mini.galore.adamw8bit.GaLoreAdamW8bit`); 32: float32 moments and
+            GaLoreAdamW's arithmetic.
+        block_size, min_8bit_size, backend: the 8-bit state's (as ``GaLoreAdamW8bit``'s).
         projector_kwargs: ``cos_threshold``, ``gamma``, ``queue_size``, ``proj_bits``,
             ``proj_group_size``, ``cos_rule`` of :class:`~mini.qgalore.projector.AdaptiveProjector`.
 
@@ -175,6 +182,10 @@ class Int8LayerwiseQGaLore:
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         generator: Optional[torch.Generator] = None,
+        optim_bits: int = 8,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+        backend: str = "auto",
         **projector_kwargs: Any,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -189,6 +200,9 @@ class Int8LayerwiseQGaLore:
         check_scale(scale)
         check_proj_type(proj_type)
         check_adam_hparams(lr, betas, eps, weight_decay)
+        if isinstance(optim_bits, bool) or optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 (block-wise 8-bit moments) or 32 (float32), got {optim_bits!r}")
+        moments = BlockwiseMoments(block_size, min_8bit_size, backend) if optim_bits == 8 else None
         projector_kwargs = check_adaptive_options(**{**QGALORE_GROUP_DEFAULTS, **projector_kwargs})
         if not isinstance(model, nn.Module):
             try:
@@ -211,6 +225,8 @@ class Int8LayerwiseQGaLore:
         self.projector_kwargs = projector_kwargs
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
         self.generator = generator
+        self.optim_bits = int(optim_bits)
+        self.moments = moments
         self.states: list[dict[str, Any]] = [{"step": 0} for _ in layers]
         self._index = {id(m): i for i, m in enumerate(layers)}
         self._handles = [m.register_weight_grad_hook(self._hook) for m in layers]
@@ -225,16 +241,24 @@ class Int8LayerwiseQGaLore:
             state["projector"] = self._projector()
         projector: AdaptiveProjector = state["projector"]
         low = projector.project(grad.float(), state["step"])  # (low-rank shape)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low)
-            state["exp_avg_sq"] = torch.zeros_like(low)
-        state["step"] += 1
         beta1, beta2 = self.betas
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(beta1).add_(low, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        direction = projector.project_back(m / (v.sqrt() + self.eps))  # (out, in), α included
-        step_size = self.lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+        if self.moments is not None:  # 8-bit codes (float32 below min_8bit_size), bitsandbytes' form
+            if "exp_avg" not in state:
+                self.moments.init_moments(state, low)
+            state["step"] += 1
+            n = self.moments.update_moments(state, low, self.betas, self.eps, state["step"])
+            direction = projector.project_back(n)  # (out, in), α included
+            step_size = self.lr / (1.0 - beta1 ** state["step"])
+        else:  # float32 moments, GaLoreAdamW's form
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(low)
+                state["exp_avg_sq"] = torch.zeros_like(low)
+            state["step"] += 1
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.mul_(beta1).add_(low, alpha=1.0 - beta1)
+            v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+            direction = projector.project_back(m / (v.sqrt() + self.eps))  # (out, in), α included
+            step_size = self.lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
         delta = direction.mul_(-step_size)
         if self.weight_decay > 0.0:
             w = layer.dequantized_weight()
