@@ -93,6 +93,8 @@ class BlockwiseMoments:
     ``exp_avg`` / ``exp_avg_sq`` as uint8 codes with float32 ``*_absmax`` per block, or float32
     moments when a tensor has fewer than ``min_8bit_size`` elements. Arguments as
     :class:`GaLoreAdamW8bit`'s.
+
+    Explained in :doc:`/labs/galore/memory_tables`.
     """
 
     def __init__(self, block_size: int = 256, min_8bit_size: int = 4096, backend: str = "auto") -> None:
