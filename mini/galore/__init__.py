@@ -17,13 +17,22 @@ projection, and the update is projected back with a scale α::
   Trainer convention.
 - :func:`~mini.galore.layerwise.attach_layerwise_updates` (:mod:`mini.galore.layerwise`): per-layer
   weight updates from gradient hooks (single process).
+- :func:`~mini.galore.accumulate.attach_accumulating_updates` (:mod:`mini.galore.accumulate`):
+  per-layer updates that respect gradient accumulation, accumulating in the subspace.
+- :class:`~mini.galore.adafactor.GaLoreAdafactor` (:mod:`mini.galore.adafactor`): galore-torch's
+  Adafactor variant, bit for bit.
+- :func:`~mini.galore.distributed.allreduce_gradients_` (:mod:`mini.galore.distributed`): data
+  parallel GaLore that all-reduces the projected gradients between subspace updates.
 
 Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
 
+from .accumulate import AccumulatingHandle, attach_accumulating_updates
+from .adafactor import GaLoreAdafactor
 from .adamw import GALORE_GROUP_DEFAULTS, GaLoreAdamW
 from .adamw8bit import GaLoreAdamW8bit
+from .distributed import CommStats, allreduce_gradients_
 from .groups import GaLoreConfig, galore_param_groups
 from .layerwise import LayerwiseHandle, attach_layerwise_updates
 from .projector import PROJ_TYPES, GaLoreProjector
@@ -34,6 +43,11 @@ __all__ = [
     "GaLoreAdamW",
     "GALORE_GROUP_DEFAULTS",
     "GaLoreAdamW8bit",
+    "GaLoreAdafactor",
+    "attach_accumulating_updates",
+    "AccumulatingHandle",
+    "allreduce_gradients_",
+    "CommStats",
     "GaLoreConfig",
     "galore_param_groups",
     "attach_layerwise_updates",

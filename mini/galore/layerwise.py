@@ -18,7 +18,8 @@ What differs from the official driver (``torchrun_main.py`` with ``--single_gpu`
   optimizers and schedulers, and an optional counter of gradient bytes alive at hook time.
 
 Limits (by construction): each backward is one optimizer step, so gradient accumulation and
-global-norm clipping do not apply; and it is single-process. Under DistributedDataParallel a
+global-norm clipping do not apply (:mod:`mini.galore.accumulate` accumulates in the subspace and
+steps at the boundary instead); and it is single-process. Under DistributedDataParallel a
 parameter's hook fires as soon as its local gradient is accumulated, before DDP's bucketed
 all-reduce has finished, so each rank would step on its own gradient and the replicas would drift
 apart: :func:`attach_layerwise_updates` raises TypeError on a DDP-wrapped model.
