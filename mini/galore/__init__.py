@@ -21,6 +21,8 @@ projection, and the update is projected back with a scale α::
   per-layer updates that respect gradient accumulation, accumulating in the subspace.
 - :class:`~mini.galore.adafactor.GaLoreAdafactor` (:mod:`mini.galore.adafactor`): galore-torch's
   Adafactor variant, bit for bit.
+- :class:`~mini.galore.fsdp.FSDPGaLoreAdamW` (:mod:`mini.galore.fsdp`): GaLore on FSDP2's row
+  shards, right-side projection, the subspace from all-reduced Gram matrices.
 - :func:`~mini.galore.distributed.allreduce_gradients_` (:mod:`mini.galore.distributed`): data
   parallel GaLore that all-reduces the projected gradients between subspace updates.
 
@@ -33,6 +35,7 @@ from .adafactor import GaLoreAdafactor
 from .adamw import GALORE_GROUP_DEFAULTS, GaLoreAdamW
 from .adamw8bit import GaLoreAdamW8bit
 from .distributed import CommStats, allreduce_gradients_
+from .fsdp import FSDPGaLoreAdamW
 from .groups import GaLoreConfig, galore_param_groups
 from .layerwise import LayerwiseHandle, attach_layerwise_updates
 from .projector import PROJ_TYPES, GaLoreProjector
@@ -48,6 +51,7 @@ __all__ = [
     "AccumulatingHandle",
     "allreduce_gradients_",
     "CommStats",
+    "FSDPGaLoreAdamW",
     "GaLoreConfig",
     "galore_param_groups",
     "attach_layerwise_updates",

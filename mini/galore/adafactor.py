@@ -34,7 +34,7 @@ regular}, {"params": projected, "rank": r, "update_proj_gap": T, "scale": α, "p
 import GaLoreAdafactor``.
 
 Differences from galore-torch 1.0 (``galore_torch/adafactor.py``) and why
----------------------------------------------------------------------------
+-------------------------------------------------------------------------
 - Same arithmetic, op for op, including its quirks (η_t is a 0-d tensor when RMS(W) > ε₂ and a
   Python float otherwise, which costs a device sync per parameter; weight decay scaled by η_t
   and applied before the update): on CPU in float32 the trajectories agree bitwise

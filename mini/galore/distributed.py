@@ -19,7 +19,7 @@ the SVD of Ḡ, which a projection cannot give, so that step all-reduces the ful
 every rank computes the same P from the same Ḡ (the same deterministic SVD on the same input).
 
 Handing the optimizer a pre-projected gradient without changing it
------------------------------------------------------------------
+------------------------------------------------------------------
 :class:`~mini.galore.adamw.GaLoreAdamW` projects ``p.grad`` itself. So, with R̄ the averaged
 projection, :func:`allreduce_gradients_` writes back the back-projection (without the scale α)::
 
@@ -35,7 +35,7 @@ whose basis is not orthonormal (Q-GaLore's INT4-quantized basis) break the ident
 refused with a TypeError.
 
 Fact 2: right singular vectors of row shards from a sum of Gram matrices
------------------------------------------------------------------------
+------------------------------------------------------------------------
 If G (m, n) is split by rows into shards G_k (m_k, n) then Gᵀ G = Σ_k G_kᵀ G_k (n × n), and with
 G = U S Vᵀ, Gᵀ G = V S² Vᵀ: the right singular vectors are the eigenvectors of the all-reduced
 Gram matrix, ordered by eigenvalue. :func:`right_singular_basis_from_shards` returns the top r

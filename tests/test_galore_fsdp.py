@@ -1,0 +1,226 @@
+"""mini.galore.fsdp: GaLore on FSDP2 (fully_shard) row shards, two gloo CPU processes.
+
+References: single-process GaLoreAdamW with proj_type="right" on the full batch (mean loss),
+float64; with galore-torch's default (moments kept at a switch) the reference's SVD basis gets
+the same sign convention (:func:`canonical_signs`); with ``project_moments=True`` the plain
+GaLoreAdamW is the reference (the rotation cancels the signs).
+"""
+from __future__ import annotations
+
+import datetime
+import time
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mini.galore import GaLoreAdamW, GaLoreProjector
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
+)
+
+fsdp_mod = pytest.importorskip("mini.galore.fsdp")
+FSDPGaLoreAdamW, canonical_signs, local_state_bytes = (
+    fsdp_mod.FSDPGaLoreAdamW, fsdp_mod.canonical_signs, fsdp_mod.local_state_bytes)
+
+_STEPS, _RANK, _GAP = 12, 4, 5  # subspace updates at steps 0, 5 and 10
+_WORLD = 2
+_CONFIGS = (False, True)  # project_moments
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    # W1 (48, 32): m >= n, "std" would pick the right side too; W2 (24, 48): m < n, forced right = reverse_std
+    return nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 24)).double()
+
+
+def _data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 32, generator=gen, dtype=torch.float64), torch.randn(n, 24, generator=gen, dtype=torch.float64)
+
+
+def _groups(model: nn.Sequential, project_moments: bool, proj_type: str | None = None) -> list[dict]:
+    projected = {"params": [model[0].weight, model[2].weight], "rank": _RANK, "update_proj_gap": _GAP,
+                 "scale": 0.25, "project_moments": project_moments}
+    if proj_type is not None:
+        projected["proj_type"] = proj_type
+    return [{"params": [model[0].bias, model[2].bias]}, projected]
+
+
+class _CanonicalProjector(GaLoreProjector):
+    """The SVD basis with canonical signs, as FSDPGaLoreAdamW's eigenvector basis."""
+
+    def compute_basis(self, grad):
+        ortho, right = super().compute_basis(grad)
+        return canonical_signs(ortho), right
+
+
+class _CanonicalGaLoreAdamW(GaLoreAdamW):
+    projector_class = _CanonicalProjector
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=_WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (_WORLD,))
+        X, Y = _data()
+        half = X.shape[0] // _WORLD
+        Xr, Yr = X[rank * half:(rank + 1) * half], Y[rank * half:(rank + 1) * half]  # this rank's half
+        result: dict = {}
+        for project_moments in _CONFIGS:
+            model = _mlp()
+            fully_shard(model[0], mesh=mesh)
+            fully_shard(model[2], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = FSDPGaLoreAdamW(_groups(model, project_moments), lr=1e-2, weight_decay=0.01)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(_STEPS):
+                    opt.zero_grad()
+                    ((model(Xr) - Yr) ** 2).mean().backward()  # FSDP2 reduce-scatters the mean gradient
+                    opt.step()
+            result[project_moments] = {
+                "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+                "local_shapes": [tuple(p.to_local().shape) for p in model.parameters()],
+                "moment_shapes": [tuple(opt.state[p]["exp_avg"].shape) for p in model.parameters()],
+                "state_bytes": local_state_bytes(opt), "n_svd": opt.n_svd(),
+            }
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two_processes(tmp_path, timeout: float = 90.0) -> list[dict]:
+    """Spawn the two workers, wait with a deadline, and terminate any survivor."""
+    out = str(tmp_path / "result")
+    ctx = mp.start_processes(_worker, args=(f"file://{tmp_path / 'pg'}", out), nprocs=_WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the two gloo workers did not finish within {timeout} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(_WORLD)]
+
+
+def _reference(project_moments: bool) -> tuple[list[torch.Tensor], int, int]:
+    model = _mlp()
+    cls = GaLoreAdamW if project_moments else _CanonicalGaLoreAdamW
+    opt = cls(_groups(model, project_moments, proj_type="right"), lr=1e-2, weight_decay=0.01)
+    X, Y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(_STEPS):
+            opt.zero_grad()
+            ((model(X) - Y) ** 2).mean().backward()
+            opt.step()
+    return [p.detach() for p in model.parameters()], opt.n_svd(), local_state_bytes(opt)
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory) -> list[dict]:
+    return _run_two_processes(tmp_path_factory.mktemp("galore_fsdp"))
+
+
+@pytest.mark.parametrize("project_moments", _CONFIGS)
+def test_fsdp_trajectory_equals_single_process_right_side(two_process_results, project_moments):
+    ref, ref_svd, _ = _reference(project_moments)
+    assert ref_svd == 2 * 3
+    for res in two_process_results:
+        got = res[project_moments]
+        assert got["n_svd"] == ref_svd
+        err = max((a - b).abs().max().item() for a, b in zip(got["params"], ref))
+        print(f"\nproject_moments={project_moments}: max |W_fsdp - W_single| = {err:.3g}")
+        assert err < 1e-9, f"project_moments={project_moments}: max |W_fsdp - W_single| = {err:.3g}"
+
+
+def test_fsdp_state_is_local_and_about_half_per_rank(two_process_results):
+    _, _, ref_bytes = _reference(False)
+    r0, r1 = (res[False] for res in two_process_results)
+    # W1 (48, 32) -> rows 24 + 24; b1 48 -> 24 + 24; W2 (24, 48) -> 12 + 12; b2 24 -> 12 + 12
+    assert r0["local_shapes"] == [(24, 32), (24,), (12, 48), (12,)]
+    assert r0["moment_shapes"] == [(24, _RANK), (24,), (12, _RANK), (12,)]  # (m_k, r): row-local moments
+    item = 8
+    moments = 2 * item * (24 * _RANK + 24 + 12 * _RANK + 12)  # exp_avg + exp_avg_sq on one rank
+    bases = item * _RANK * (32 + 48)  # P (r, n) replicated
+    assert r0["state_bytes"] == r1["state_bytes"] == moments + bases
+    assert ref_bytes == 2 * item * (48 * _RANK + 48 + 24 * _RANK + 24) + bases
+    # W2 (24, 48) forced right: 24·r per moment unsharded (std's left side would be r·48), 12·r per rank
+    print(f"\nper-rank optimizer state {r0['state_bytes']} B vs single process {ref_bytes} B "
+          f"(ratio {r0['state_bytes'] / ref_bytes:.3f}; moments alone 0.5)")
+    assert 0.5 <= r0["state_bytes"] / ref_bytes < 0.7
+
+
+def test_canonical_signs_is_sign_invariant():
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    flipped = rows * torch.tensor([[-1.0], [1.0], [-1.0]], dtype=torch.float64)
+    torch.testing.assert_close(canonical_signs(rows), canonical_signs(flipped), rtol=0, atol=0)
+    c = canonical_signs(rows)
+    assert bool((c.gather(1, c.abs().argmax(1, keepdim=True)) > 0).all())
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg1'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_rejects_column_shards_plain_tensors_other_sides_and_1d(one_rank_mesh):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    col = nn.Parameter(distribute_tensor(torch.randn(8, 6, dtype=torch.float64), one_rank_mesh, [Shard(1)]))
+    with pytest.raises(ValueError, match=r"shape \(8, 6\) with placements \(Shard\(dim=1\),\).*row shards"):
+        FSDPGaLoreAdamW([{"params": [col], "rank": 2}])
+    rep = nn.Parameter(distribute_tensor(torch.randn(8, 6, dtype=torch.float64), one_rank_mesh, [Replicate()]))
+    with pytest.raises(ValueError, match="placements.*Replicate"):
+        FSDPGaLoreAdamW([{"params": [("w", rep)], "rank": 2}])
+    with pytest.raises(TypeError, match="holds a parameter of type Parameter: expected a DTensor"):
+        FSDPGaLoreAdamW([{"params": [nn.Parameter(torch.randn(8, 6))], "rank": 2}])
+    row = nn.Parameter(distribute_tensor(torch.randn(8, 6, dtype=torch.float64), one_rank_mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="proj_type must be 'right' for FSDPGaLoreAdamW, got 'std'.*reverse_std"):
+        FSDPGaLoreAdamW([{"params": [row], "rank": 2, "proj_type": "std"}])
+    bias = nn.Parameter(distribute_tensor(torch.randn(8, dtype=torch.float64), one_rank_mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=r"shape \(8,\): only 2-D weight matrices can be projected"):
+        FSDPGaLoreAdamW([{"params": [bias], "rank": 2}])
+    FSDPGaLoreAdamW([{"params": [bias]}, {"params": (p for p in [row]), "rank": 2}])  # a generator is fine
+
+
+def test_fsdp_one_rank_equals_galore_right(one_rank_mesh):
+    """World size 1: the shard is the matrix; one subspace, so no sign convention is needed."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    gen = torch.Generator().manual_seed(4)
+    w0 = torch.randn(6, 10, generator=gen, dtype=torch.float64)  # m < n: forced right
+    grads = [torch.randn(6, 10, generator=gen, dtype=torch.float64) for _ in range(4)]
+    w_ref = nn.Parameter(w0.clone())
+    w = nn.Parameter(distribute_tensor(w0.clone(), one_rank_mesh, [Shard(0)]))
+    ref = GaLoreAdamW([{"params": [w_ref], "rank": 3, "update_proj_gap": 100, "proj_type": "right"}], lr=1e-2)
+    opt = FSDPGaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 100}], lr=1e-2)
+    for g in grads:
+        w_ref.grad = g.clone()
+        w.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+        ref.step()
+        opt.step()
+    torch.testing.assert_close(w.full_tensor(), w_ref.detach(), rtol=0, atol=1e-12)
+    assert opt.state[w]["exp_avg"].shape == (6, 3)
