@@ -11,7 +11,7 @@ The update (one parameter W, step t = 1, 2, …)
 With the projector of :mod:`mini.galore.projector` for groups with ``"rank"`` (basis refreshed
 by an SVD whenever ``(t − 1) mod T = 0``), the raw gradient otherwise::
 
-    R_t  = project(G_t)                        # G Pᵀ (m, r) or Pᵀ G (r, n); G in plain groups
+    R_t  = project(G_t)              # G Pᵀ (m, r) or Pᵀ G (r, n); G in plain groups
     ρ_t  = min(10⁻², 1/√t)  (relative_step; min(10⁻⁶ t, 1/√t) with warmup_init; else lr)
     η_t  = max(ε₂, RMS(W_{t−1})) · ρ_t         (scale_parameter; else ρ_t)
     β̂_t  = 1 − t^c                              # c = decay_rate = −0.8, so β̂_1 = 0

@@ -11,7 +11,8 @@ With K ranks holding local mean gradients G_k (m, n) of equal-sized shards of th
 global-batch mean gradient is Ḡ = (1/K) Σ_k G_k. While the projector's basis P is fixed (between
 subspace updates, and the same on every rank)::
 
-    project(Ḡ) = Pᵀ Ḡ = (1/K) Σ_k Pᵀ G_k        (left side; G Pᵀ on the right, Uᵀ G V on "full")
+    project(Ḡ) = Pᵀ Ḡ = (1/K) Σ_k Pᵀ G_k
+    (left side; G Pᵀ on the right, Uᵀ G V on "full")
 
 so each rank may project first and all-reduce the r × n (or m × r, r × r) projection instead of
 the m × n gradient: min(m, n)/r fewer bytes for "std". At a subspace-update step the new basis is
