@@ -8,16 +8,15 @@ GaLoreAdamW is the reference (the rotation cancels the signs).
 from __future__ import annotations
 
 import datetime
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from mini.galore import GaLoreAdamW, GaLoreProjector
+from mini.galore.twoproc import spawn_gloo
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
@@ -100,21 +99,8 @@ def _worker(rank: int, init: str, out: str) -> None:
 
 
 def _run_two_processes(tmp_path, timeout: float = 90.0) -> list[dict]:
-    """Spawn the two workers, wait with a deadline, and terminate any survivor."""
-    out = str(tmp_path / "result")
-    ctx = mp.start_processes(_worker, args=(f"file://{tmp_path / 'pg'}", out), nprocs=_WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the two gloo workers did not finish within {timeout} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(_WORLD)]
+    """Spawn the two workers with the library's launcher (deadline, survivors terminated)."""
+    return spawn_gloo(_worker, nprocs=_WORLD, timeout=timeout)
 
 
 def _reference(project_moments: bool) -> tuple[list[torch.Tensor], int, int]:

@@ -63,13 +63,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adamw import GALORE_GROUP_DEFAULTS
+from .adamw import GaLoreOptimizer
 from .projector import (
     GaLoreProjector,
-    check_proj_type,
-    check_rank,
-    check_scale,
-    check_update_proj_gap,
 )
 
 __all__ = ["ADAFACTOR_DEFAULTS", "GaLoreAdafactor", "check_adafactor_hparams"]
@@ -134,7 +130,7 @@ def check_adafactor_hparams(group: dict[str, Any]) -> None:
         raise ValueError(f"weight_decay must be a finite real number >= 0, got {wd!r}")
 
 
-class GaLoreAdafactor(torch.optim.Optimizer):
+class GaLoreAdafactor(GaLoreOptimizer):
     """Adafactor with GaLore's low-rank gradient projection for groups that carry ``"rank"``.
 
     Explained in :doc:`/book/galore/theory`.
@@ -158,7 +154,7 @@ class GaLoreAdafactor(torch.optim.Optimizer):
     ``projector`` in projected groups.
     """
 
-    projector_class: type[GaLoreProjector] = GaLoreProjector
+    dtype_kept_keys = (*_MOMENT_KEYS, "RMS")  # float32 statistics of a bf16/fp16 parameter
 
     def __init__(
         self,
@@ -185,54 +181,14 @@ class GaLoreAdafactor(torch.optim.Optimizer):
             "warmup_init": warmup_init,
         }
         check_adafactor_hparams(defaults)
-        self._param_names: dict[int, str] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate the group (Adafactor's hyperparameters; for a projected group rank, gap,
-        scale, proj_type and 2-D parameters, as GaLoreAdamW), then add it."""
+        """Validate Adafactor's hyperparameters, then the projected group as every GaLore
+        optimizer does (:meth:`GaLoreOptimizer.add_param_group <mini.galore.adamw.GaLoreOptimizer.add_param_group>`)."""
         check_adafactor_hparams({**self.defaults, **param_group})
-        if "rank" in param_group:
-            for key, value in GALORE_GROUP_DEFAULTS.items():
-                param_group.setdefault(key, value)
-            param_group["rank"] = check_rank(param_group["rank"])
-            param_group["update_proj_gap"] = check_update_proj_gap(param_group["update_proj_gap"])
-            check_scale(param_group["scale"])
-            check_proj_type(param_group["proj_type"])
-            params = param_group["params"]
-            if isinstance(params, set):
-                raise TypeError("params must be an ordered collection (a list), not a set: the order fixes the state_dict")
-            params = [params] if isinstance(params, Tensor) else list(params)
-            param_group["params"] = params
-            for item in params:  # tensors, or (name, tensor) pairs as from named_parameters()
-                name, p = item if isinstance(item, tuple) else (None, item)
-                if isinstance(p, Tensor) and p.dim() != 2:
-                    label = f"parameter {name!r}" if name else "a parameter"
-                    raise ValueError(
-                        f"a param group with 'rank' (GaLore projection) holds {label} of shape "
-                        f"{tuple(p.shape)}: only 2-D weight matrices can be projected; put biases, norms "
-                        "and other non-2-D parameters in a group without 'rank'"
-                    )
         super().add_param_group(param_group)
-
-    def set_param_names(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
-        """Optional: remember parameter names so projector warnings name them."""
-        for name, p in named_parameters:
-            self._param_names[id(p)] = name
-
-    def make_projector(self, p: Tensor, group: dict[str, Any]) -> GaLoreProjector:
-        """A projector for parameter ``p`` with its group's hyperparameters (named for warnings)."""
-        name = self._param_names.get(id(p))
-        if name is None and "param_names" in group:  # torch >= 2.6 keeps names given as (name, tensor)
-            name = next((n for n, q in zip(group["param_names"], group["params"]) if q is p), None)
-        return self.projector_class(
-            group["rank"],
-            update_proj_gap=group["update_proj_gap"],
-            scale=group["scale"],
-            proj_type=group["proj_type"],
-            name=name,
-        )
 
     # ----------------------------------------------------------------------------- the arithmetic
     @staticmethod
@@ -343,55 +299,6 @@ class GaLoreAdafactor(torch.optim.Optimizer):
         return loss
 
     # ----------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict with each projector replaced by its tensor/int/str state."""
-        sd = super().state_dict()
-        sd["state"] = {
-            k: ({**v, "projector": v["projector"].state_dict()} if isinstance(v.get("projector"), GaLoreProjector) else v)
-            for k, v in sd["state"].items()
-        }
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load torch's state dict, keep the saved dtypes of the statistics, rebuild the projectors.
-
-        The projector dicts are set aside before torch's loader runs (it would turn their strings
-        into generators) and restored afterwards, their tensors moved to the parameter's device.
-        torch casts every floating state tensor to its parameter's dtype; the float32 statistics
-        of a bfloat16/float16 parameter are restored in float32.
-        """
-        saved_state = state_dict["state"]
-        saved_projectors = {k: v["projector"] for k, v in saved_state.items() if isinstance(v.get("projector"), dict)}
-        stripped = {
-            **state_dict,
-            "state": {k: {kk: vv for kk, vv in v.items() if kk != "projector"} for k, v in saved_state.items()},
-        }
-        super().load_state_dict(stripped)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]  # torch's numbering, in order
-        params = [p for group in self.param_groups for p in group["params"]]
-        groups = [group for group in self.param_groups for _ in group["params"]]
-        for key, p, group in zip(saved_ids, params, groups):
-            for name in (*_MOMENT_KEYS, "RMS"):
-                saved = saved_state.get(key, {}).get(name)
-                if isinstance(saved, Tensor) and name in self.state[p] and self.state[p][name].dtype != saved.dtype:
-                    self.state[p][name] = saved.to(device=p.device, copy=True)
-            if key in saved_projectors:
-                proj_state = dict(saved_projectors[key])
-                for name in ("ortho", "ortho_right"):
-                    if isinstance(proj_state.get(name), Tensor):
-                        proj_state[name] = proj_state[name].to(device=p.device, copy=True)
-                projector = self.make_projector(p, group)
-                projector.load_state_dict(proj_state)
-                self.state[p]["projector"] = projector
-
-    def projectors(self) -> list[GaLoreProjector]:
-        """The projectors created so far (one per projected parameter that received a gradient)."""
-        return [s["projector"] for s in self.state.values() if isinstance(s.get("projector"), GaLoreProjector)]
-
-    def n_svd(self) -> int:
-        """Total SVDs performed by all projectors."""
-        return sum(proj.n_svd for proj in self.projectors())
-
     def state_bytes(self) -> int:
         """Bytes of the optimizer statistics and projector bases (what GaLore + Adafactor save)."""
         total = 0

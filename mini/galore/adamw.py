@@ -87,7 +87,7 @@ from .projector import (
     check_update_proj_gap,
 )
 
-__all__ = ["GaLoreAdamW", "GALORE_GROUP_DEFAULTS", "moment_dtype"]
+__all__ = ["GaLoreOptimizer", "GaLoreAdamW", "GALORE_GROUP_DEFAULTS", "moment_dtype"]
 
 #: The defaults of a projected group missing these keys, as in the paper (T = 200, α = 0.25)
 #: and galore-torch ("std").
@@ -137,51 +137,23 @@ def _same_basis(a: Basis, b: Basis) -> bool:
     )
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
-    """AdamW with GaLore's low-rank gradient projection for groups that carry ``"rank"``.
+class GaLoreOptimizer(torch.optim.Optimizer):
+    """What every GaLore optimizer shares: projected groups validated when added, one projector
+    per projected parameter, and a state dict that holds the projectors as tensors and ints
+    (``torch.load(weights_only=True)`` loads it). :class:`GaLoreAdamW` and
+    :class:`~mini.galore.adafactor.GaLoreAdafactor` subclass it.
 
     Explained in :doc:`/book/galore/theory`.
-
-    Args:
-        params: parameters or param groups; a group with ``"rank"`` (and optionally
-            ``"update_proj_gap"``, ``"scale"``, ``"proj_type"``) is projected.
-        lr: learning rate (galore-torch default 1e-3).
-        betas: Adam's (β1, β2) (default (0.9, 0.999)).
-        eps: ε added to √V (galore-torch 1e-6; the paper's text says 1e-8).
-        weight_decay: decoupled weight decay λ, applied after the update (default 0).
-        correct_bias: fold Adam's bias correction into the step size (default True).
-        project_moments: carry the moments into the new subspace at a switch (default False,
-            galore-torch's behaviour).
-        no_deprecation_warning: accepted and ignored (galore-torch's signature; no warning here).
     """
 
     projector_class: type[GaLoreProjector] = GaLoreProjector
+    #: state tensors whose saved dtype a load keeps (torch casts them to the parameter's dtype)
+    dtype_kept_keys: tuple[str, ...] = ()
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        project_moments: bool = False,
-        no_deprecation_warning: bool = True,
-    ) -> None:
-        del no_deprecation_warning  # galore-torch's argument, accepted so its call sites work unchanged
-        check_adam_hparams(lr, betas, eps, weight_decay)
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "correct_bias": bool(correct_bias),
-            "project_moments": bool(project_moments),
-        }
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
         self._param_names: dict[int, str] = {}
         super().__init__(params, defaults)
 
-    # ----------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate a projected group (rank, gap, scale, proj_type, 2-D parameters), then add it."""
         if "rank" in param_group:
@@ -226,6 +198,117 @@ class GaLoreAdamW(torch.optim.Optimizer):
             name=name,
         )
 
+    def set_param_names(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
+        """Optional: remember parameter names so projector warnings name them."""
+        for name, p in named_parameters:
+            self._param_names[id(p)] = name
+
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict with each projector replaced by its tensor/int/str state."""
+        sd = super().state_dict()
+        sd["state"] = {
+            k: (
+                {**v, "projector": v["projector"].state_dict()}
+                if isinstance(v.get("projector"), GaLoreProjector)
+                else v
+            )
+            for k, v in sd["state"].items()
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch's state dict, keep the saved dtypes of ``dtype_kept_keys``, and rebuild the
+        projectors from their saved state.
+
+        The projector dicts are set aside before torch's loader runs (it would turn their
+        strings into generators) and restored afterwards, their tensors moved to the
+        parameter's device.
+        """
+        saved_state = state_dict["state"]
+        saved_projectors = {k: v["projector"] for k, v in saved_state.items() if isinstance(v.get("projector"), dict)}
+        stripped = {
+            **state_dict,
+            "state": {k: {kk: vv for kk, vv in v.items() if kk != "projector"} for k, v in saved_state.items()},
+        }
+        super().load_state_dict(stripped)
+        # torch casts every floating state tensor to its parameter's dtype: float32 moments of a
+        # float16 parameter (see moment_dtype) would come back float16
+        params = [p for group in self.param_groups for p in group["params"]]
+        for key, p in zip([i for g in state_dict["param_groups"] for i in g["params"]], params):
+            for name in self.dtype_kept_keys:
+                saved = saved_state.get(key, {}).get(name)
+                if isinstance(saved, Tensor) and name in self.state[p] and self.state[p][name].dtype != saved.dtype:
+                    self.state[p][name] = saved.to(device=p.device, copy=True)
+        index = 0  # torch numbers the parameters across groups in order (the keys of "state")
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for group in self.param_groups:
+            for p in group["params"]:
+                key = saved_ids[index]
+                index += 1
+                if key not in saved_projectors:
+                    continue
+                saved = dict(saved_projectors[key])
+                for name in ("ortho", "ortho_right"):
+                    if isinstance(saved.get(name), Tensor):
+                        saved[name] = saved[name].to(device=p.device, copy=True)
+                projector = self.make_projector(p, group)
+                projector.load_state_dict(saved)
+                self.state[p]["projector"] = projector
+
+    def projectors(self) -> list[GaLoreProjector]:
+        """The projectors created so far (one per projected parameter that received a gradient)."""
+        return [s["projector"] for s in self.state.values() if isinstance(s.get("projector"), GaLoreProjector)]
+
+    def n_svd(self) -> int:
+        """Total SVDs performed by all projectors."""
+        return sum(proj.n_svd for proj in self.projectors())
+
+
+class GaLoreAdamW(GaLoreOptimizer):
+    """AdamW with GaLore's low-rank gradient projection for groups that carry ``"rank"``.
+
+    Explained in :doc:`/book/galore/theory`.
+
+    Args:
+        params: parameters or param groups; a group with ``"rank"`` (and optionally
+            ``"update_proj_gap"``, ``"scale"``, ``"proj_type"``) is projected.
+        lr: learning rate (galore-torch default 1e-3).
+        betas: Adam's (β1, β2) (default (0.9, 0.999)).
+        eps: ε added to √V (galore-torch 1e-6; the paper's text says 1e-8).
+        weight_decay: decoupled weight decay λ, applied after the update (default 0).
+        correct_bias: fold Adam's bias correction into the step size (default True).
+        project_moments: carry the moments into the new subspace at a switch (default False,
+            galore-torch's behaviour).
+        no_deprecation_warning: accepted and ignored (galore-torch's signature; no warning here).
+    """
+
+    dtype_kept_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        project_moments: bool = False,
+        no_deprecation_warning: bool = True,
+    ) -> None:
+        del no_deprecation_warning  # galore-torch's argument, accepted so its call sites work unchanged
+        check_adam_hparams(lr, betas, eps, weight_decay)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": bool(correct_bias),
+            "project_moments": bool(project_moments),
+        }
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- groups
     def init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> None:
         """Create the moments in the (low-rank) shape of ``grad``, in :func:`moment_dtype`."""
         dtype = moment_dtype(grad.dtype)
@@ -269,11 +352,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return step_size
 
     # ----------------------------------------------------------------------------- the step
-    def set_param_names(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
-        """Optional: remember parameter names so projector warnings name them."""
-        for name, p in named_parameters:
-            self._param_names[id(p)] = name
-
     def _prepare(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[Tensor, Any]:
         """The shared first half of a step for one parameter (subclasses reuse it).
 
@@ -332,61 +410,3 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return loss
 
     # ----------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict with each projector replaced by its tensor/int/str state."""
-        sd = super().state_dict()
-        sd["state"] = {
-            k: (
-                {**v, "projector": v["projector"].state_dict()}
-                if isinstance(v.get("projector"), GaLoreProjector)
-                else v
-            )
-            for k, v in sd["state"].items()
-        }
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load torch's state dict and rebuild the projectors from their saved state.
-
-        The projector dicts are set aside before torch's loader runs (it would turn their
-        strings into generators) and restored afterwards, their tensors moved to the
-        parameter's device.
-        """
-        saved_state = state_dict["state"]
-        saved_projectors = {k: v["projector"] for k, v in saved_state.items() if isinstance(v.get("projector"), dict)}
-        stripped = {
-            **state_dict,
-            "state": {k: {kk: vv for kk, vv in v.items() if kk != "projector"} for k, v in saved_state.items()},
-        }
-        super().load_state_dict(stripped)
-        # torch casts every floating state tensor to its parameter's dtype: float32 moments of a
-        # float16 parameter (see moment_dtype) would come back float16
-        params = [p for group in self.param_groups for p in group["params"]]
-        for key, p in zip([i for g in state_dict["param_groups"] for i in g["params"]], params):
-            for name in ("exp_avg", "exp_avg_sq"):
-                saved = saved_state.get(key, {}).get(name)
-                if isinstance(saved, Tensor) and name in self.state[p] and self.state[p][name].dtype != saved.dtype:
-                    self.state[p][name] = saved.to(device=p.device, copy=True)
-        index = 0  # torch numbers the parameters across groups in order (the keys of "state")
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for group in self.param_groups:
-            for p in group["params"]:
-                key = saved_ids[index]
-                index += 1
-                if key not in saved_projectors:
-                    continue
-                saved = dict(saved_projectors[key])
-                for name in ("ortho", "ortho_right"):
-                    if isinstance(saved.get(name), Tensor):
-                        saved[name] = saved[name].to(device=p.device, copy=True)
-                projector = self.make_projector(p, group)
-                projector.load_state_dict(saved)
-                self.state[p]["projector"] = projector
-
-    def projectors(self) -> list[GaLoreProjector]:
-        """The projectors created so far (one per projected parameter that received a gradient)."""
-        return [s["projector"] for s in self.state.values() if isinstance(s.get("projector"), GaLoreProjector)]
-
-    def n_svd(self) -> int:
-        """Total SVDs performed by all projectors."""
-        return sum(proj.n_svd for proj in self.projectors())

@@ -16,6 +16,7 @@ import datetime
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from torch import nn
 
 from .adamw import GaLoreAdamW
 
-__all__ = ["TwoProcConfig", "data", "mlp", "param_groups", "run_two_processes", "single_process"]
+__all__ = ["TwoProcConfig", "data", "mlp", "param_groups", "run_two_processes", "single_process", "spawn_gloo"]
 
 WORLD = 2
 
@@ -164,23 +165,35 @@ def _worker(rank: int, init: str, out: str, cfg_dict: dict) -> None:
         dist.destroy_process_group()
 
 
-def run_two_processes(cfg: TwoProcConfig, timeout: float = 120.0) -> list[dict]:
-    """Spawn the two gloo workers, wait with a deadline, terminate any survivor; per-rank results.
+def spawn_gloo(worker: Callable[..., None], *args: Any, nprocs: int = WORLD, timeout: float = 120.0) -> list[dict]:
+    """Run ``worker(rank, store_url, out, *args)`` in ``nprocs`` spawned processes and return
+    what each saved to ``f"{out}.{rank}"`` (``torch.save``); a FileStore in a temporary folder,
+    a deadline, and any survivor terminated (never a process left behind).
+
+    ``worker`` must be importable (a module-level function), as spawn requires.
 
     Explained in :doc:`/labs/galore/distributed`.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result")
-        ctx = mp.start_processes(_worker, args=(f"file://{Path(tmp) / 'pg'}", out, asdict(cfg)),
-                                 nprocs=WORLD, join=False, start_method="spawn")
+        ctx = mp.start_processes(worker, args=(f"file://{Path(tmp) / 'pg'}", out, *args),
+                                 nprocs=nprocs, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=0.5):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"the two gloo workers did not finish within {timeout} s")
+                    raise TimeoutError(f"the {nprocs} gloo workers did not finish within {timeout} s")
         finally:
             for proc in ctx.processes:
                 if proc.is_alive():
                     proc.terminate()
                     proc.join(5)
-        return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+        return [torch.load(f"{out}.{r}", weights_only=True) for r in range(nprocs)]
+
+
+def run_two_processes(cfg: TwoProcConfig, timeout: float = 120.0) -> list[dict]:
+    """Spawn the two gloo workers of the lab (:func:`spawn_gloo`); per-rank results.
+
+    Explained in :doc:`/labs/galore/distributed`.
+    """
+    return spawn_gloo(_worker, asdict(cfg), timeout=timeout)
