@@ -49,6 +49,17 @@ def _optimizer(model: nn.Sequential, proj_type: str) -> GaLoreAdamW:
     return GaLoreAdamW(groups, lr=1e-2, weight_decay=0.01)
 
 
+def _optimizer_8bit(model: nn.Sequential) -> GaLoreAdamW:
+    """GaLoreAdamW8bit with every moment in 8 bits (min_8bit_size=0), blocks of 64."""
+    from mini.galore.adamw8bit import GaLoreAdamW8bit
+
+    groups = [
+        {"params": [model[0].bias, model[2].bias]},
+        {"params": [model[0].weight, model[2].weight], "rank": _RANK, "update_proj_gap": _GAP, "scale": 0.25},
+    ]
+    return GaLoreAdamW8bit(groups, lr=1e-2, weight_decay=0.01, block_size=64, min_8bit_size=0)
+
+
 def _gram_matrix() -> torch.Tensor:
     gen = torch.Generator().manual_seed(2)
     u, _ = torch.linalg.qr(torch.randn(10, 6, generator=gen, dtype=torch.float64))  # (10, 6)
@@ -80,6 +91,17 @@ def _worker(rank: int, init: str, out: str) -> None:
                 "params": [p.detach().clone() for p in model.parameters()],
                 "sent": stats.sent, "full": stats.full, "update_steps": stats.update_steps, "n_svd": opt.n_svd(),
             }
+        model = _mlp()  # 8-bit GaLore: a deterministic function of the (identical) averaged gradient
+        opt = _optimizer_8bit(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(_STEPS):
+                opt.zero_grad()
+                ((model(Xr) - Yr) ** 2).mean().backward()
+                allreduce_gradients_(opt)
+                opt.step()
+        result["8bit"] = {"params": [p.detach().clone() for p in model.parameters()],
+                          "codes": opt.state[model[0].weight]["exp_avg"].clone()}
         G = _gram_matrix()
         rows = G.shape[0] // _WORLD
         result["gram_basis"] = right_singular_basis_from_shards(G[rank * rows:(rank + 1) * rows], rank=3)
@@ -175,6 +197,27 @@ def test_back_projection_is_recovered_by_the_projection(proj_type, shape):
     assert err < 1e-14, f"{proj_type} {proj.side} {shape}: {err:.3g}"
 
 
+def test_8bit_galore_under_subspace_ddp_equals_single_process(two_process_results):
+    """GaLoreAdamW8bit is supported: every rank quantises the same averaged projection."""
+    model = _mlp()
+    opt = _optimizer_8bit(model)
+    X, Y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(_STEPS):
+            opt.zero_grad()
+            ((model(X) - Y) ** 2).mean().backward()
+            opt.step()
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.uint8  # really 8-bit
+    for res in two_process_results:
+        err = max((a - b).abs().max().item() for a, b in zip(res["8bit"]["params"], model.parameters()))
+        codes = (res["8bit"]["codes"].int() - opt.state[model[0].weight]["exp_avg"].int()).abs().max().item()
+        print(f"\n8-bit: max |W_ddp - W_single| = {err:.3g}, max code difference {codes}")
+        assert err < 1e-9
+    torch.testing.assert_close(two_process_results[0]["8bit"]["params"], two_process_results[1]["8bit"]["params"],
+                               rtol=0, atol=0)  # the ranks agree bitwise
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_allreduce_rejects_other_optimizers_and_quantized_projectors(tmp_path):
     model = _mlp()
@@ -184,6 +227,9 @@ def test_allreduce_rejects_other_optimizers_and_quantized_projectors(tmp_path):
     opt = qgalore.QGaLoreAdamW([{"params": [model[0].weight], "rank": 2}], lr=1e-2)
     with pytest.raises(TypeError, match="AdaptiveProjector.*orthonormal"):
         allreduce_gradients_(opt)
+    opt8 = qgalore.QGaLoreAdamW8bit([{"params": [model[0].weight], "rank": 2}], lr=1e-2)
+    with pytest.raises(TypeError, match="QGaLoreAdamW8bit uses projector AdaptiveProjector.*orthonormal"):
+        allreduce_gradients_(opt8)
     with pytest.raises(TypeError, match="stats must be a CommStats or None, got dict"):
         allreduce_gradients_(_optimizer(model, "std"), stats={})
 

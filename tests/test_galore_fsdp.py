@@ -210,3 +210,145 @@ def test_fsdp_one_rank_equals_galore_right(one_rank_mesh):
         opt.step()
     torch.testing.assert_close(w.full_tensor(), w_ref.detach(), rtol=0, atol=1e-12)
     assert opt.state[w]["exp_avg"].shape == (6, 3)
+
+
+# ----------------------------------------------------------------------------- DCP checkpoint, exact resume
+_SAVE_AT = 7  # saved after step 7; the resumed run refreshes the subspace at step 10
+try:
+    from torch.distributed.fsdp import fully_shard as _fully_shard  # noqa: F401  (torch >= 2.6)
+
+    _HAS_FSDP2 = True
+except ImportError:  # older torch: fully_shard lives elsewhere or not at all
+    _HAS_FSDP2 = False
+_needs_fsdp2 = pytest.mark.skipif(not _HAS_FSDP2, reason="torch.distributed.fsdp.fully_shard is unavailable")
+
+
+def _train_steps(model, opt, x, y, steps: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+
+def _resume_worker(rank: int, init: str, out: str) -> None:
+    """Uninterrupted 12 steps vs 7 steps, DCP save, fresh model + optimizer, DCP load, 5 more steps."""
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=_WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (_WORLD,))
+        X, Y = _data()
+        half = X.shape[0] // _WORLD
+        Xr, Yr = X[rank * half:(rank + 1) * half], Y[rank * half:(rank + 1) * half]
+
+        def build(project_moments: bool):
+            model = _mlp()
+            fully_shard(model[0], mesh=mesh)
+            fully_shard(model[2], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model, FSDPGaLoreAdamW(_groups(model, project_moments), lr=1e-2, weight_decay=0.01)
+
+        result: dict = {}
+        for project_moments in _CONFIGS:
+            model, opt = build(project_moments)
+            _train_steps(model, opt, Xr, Yr, _STEPS)
+            straight = [p.full_tensor().detach().clone() for p in model.parameters()]
+
+            model, opt = build(project_moments)
+            _train_steps(model, opt, Xr, Yr, _SAVE_AT)
+            ckpt = Path(out).parent / f"ckpt_{project_moments}"
+            fsdp_mod.save_checkpoint(model, opt, ckpt)
+            del model, opt
+            torch.manual_seed(1234)  # a fresh process would have other RNG state: the resume must not use it
+            model, opt = build(project_moments)
+            assert not opt.state
+            fsdp_mod.load_checkpoint(model, opt, ckpt)
+            svd_after_load = opt.n_svd()
+            _train_steps(model, opt, Xr, Yr, _STEPS - _SAVE_AT)
+            result[project_moments] = {
+                "straight": straight,
+                "resumed": [p.full_tensor().detach().clone() for p in model.parameters()],
+                "svd_after_load": svd_after_load, "svd_end": opt.n_svd(),
+                "steps": [opt.state[p]["step"] for p in model.parameters()],
+            }
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@_needs_fsdp2
+def test_dcp_checkpoint_resumes_bitwise_across_a_subspace_update():
+    results = spawn_gloo(_resume_worker, nprocs=_WORLD, timeout=90.0)
+    for res in results:
+        for project_moments in _CONFIGS:
+            got = res[project_moments]
+            assert got["svd_after_load"] == 2 * 2  # updates at steps 0 and 5 restored with the projectors
+            assert got["svd_end"] == 2 * 3  # the refresh at step 10 happened after the resume
+            assert got["steps"] == [_STEPS] * 4
+            err = max((a - b).abs().max().item() for a, b in zip(got["resumed"], got["straight"]))
+            print(f"\nproject_moments={project_moments}: max |W_resumed - W_uninterrupted| = {err:.3g}")
+            for a, b in zip(got["resumed"], got["straight"]):
+                assert torch.equal(a, b)  # bitwise
+
+
+@_needs_fsdp2
+def test_checkpoint_round_trip_one_rank_and_bad_input(one_rank_mesh, tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    fully_shard(model, mesh=one_rank_mesh)
+    opt = FSDPGaLoreAdamW(_groups(model, False), lr=1e-2)
+    X, Y = _data()
+    _train_steps(model, opt, X, Y, 2)
+    fsdp_mod.save_checkpoint(model, opt, tmp_path / "ck")
+    fresh = _mlp()
+    fully_shard(fresh, mesh=one_rank_mesh)
+    opt2 = FSDPGaLoreAdamW(_groups(fresh, False), lr=5.0)
+    fsdp_mod.load_checkpoint(fresh, opt2, tmp_path / "ck")
+    assert opt2.param_groups[1]["lr"] == 1e-2  # hyperparameters restored
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p.to_local(), q.to_local())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], opt2.state[q][key])
+    w = fresh[0].weight
+    assert torch.equal(opt2.state[w]["projector"].ortho, opt.state[model[0].weight]["projector"].ortho)
+    assert opt2.state[w]["projector"].n_svd == 1 and opt2.state[w]["step"] == 2
+
+    with pytest.raises(TypeError, match="optimizer must be an FSDPGaLoreAdamW, got GaLoreAdamW"):
+        fsdp_mod.save_checkpoint(model, GaLoreAdamW(_mlp().parameters()), tmp_path / "x")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module.*got list"):
+        fsdp_mod.save_checkpoint([], opt, tmp_path / "x")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike.*got int"):
+        fsdp_mod.save_checkpoint(model, opt, 3)
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        fsdp_mod.save_checkpoint(fresh, opt, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="holds no torch.distributed.checkpoint checkpoint"):
+        fsdp_mod.load_checkpoint(fresh, opt2, tmp_path / "empty")
+
+
+def test_fsdp_refuses_8bit_moments_and_qgalore_projector(one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from mini.galore.adamw8bit import GaLoreAdamW8bit
+
+    row = nn.Parameter(distribute_tensor(torch.randn(8, 6, dtype=torch.float64), one_rank_mesh, [Shard(0)]))
+
+    class FSDP8bit(FSDPGaLoreAdamW, GaLoreAdamW8bit):
+        pass
+
+    with pytest.raises(TypeError, match="FSDP8bit mixes FSDPGaLoreAdamW with 8-bit block-wise moments.*FSDP2"):
+        FSDP8bit([{"params": [row], "rank": 2}])
+    projector = pytest.importorskip("mini.qgalore.projector")
+
+    class FSDPQGaLore(FSDPGaLoreAdamW):
+        projector_class = projector.AdaptiveProjector
+
+    with pytest.raises(TypeError, match="FSDPQGaLore uses projector AdaptiveProjector: unsupported under FSDP2"):
+        FSDPQGaLore([{"params": [row], "rank": 2}])

@@ -46,6 +46,25 @@ the condition number, so directions with σ_i² below ε·σ_1² are not resolve
 Bytes are counted as the payload each rank all-reduces (numel × element size); a ring all-reduce
 sends about 2(K − 1)/K times that per rank, for both schemes alike.
 
+What is supported
+-----------------
+Per optimizer and distributed mode (standard DDP, which all-reduces full gradients, works with
+every optimizer: each rank steps on the same averaged gradient)::
+
+    optimizer          subspace DDP (here)   FSDP2 (mini.galore.fsdp)   per-layer accumulation
+    GaLoreAdamW        yes                   yes (FSDPGaLoreAdamW)      yes
+    GaLoreAdamW8bit    yes (tested)          refused, TypeError         refused, TypeError
+    QGaLoreAdamW       refused, TypeError    refused, TypeError         yes (tested)
+    QGaLoreAdamW8bit   refused, TypeError    refused, TypeError         refused, TypeError
+
+8-bit moments under subspace DDP: every rank receives the same averaged projection and quantises
+it identically (the trajectory equals the single-process 8-bit run to 2e-16, the same codes).
+Q-GaLore under subspace DDP: its INT4 basis is not orthonormal, so the back-projection trick
+above does not return the averaged projection. Under FSDP2 (see :mod:`mini.galore.fsdp`) 8-bit
+block-wise moments would quantise blocks of the full (m, r) moment that row shards cut, and the
+sharded refresh bypasses the adaptive INT4 projector. Per-layer accumulation
+(:mod:`mini.galore.accumulate`) re-states GaLoreAdamW's step, which the 8-bit optimizers replace.
+
 Explained in :doc:`/book/galore/theory`.
 """
 from __future__ import annotations
