@@ -9,7 +9,7 @@ REQ_HASH := $(shell sha256sum requirements.txt pyproject.toml | sha256sum | cut 
 # Two cores: two processes of one thread each at most (see the README on threads).
 export PYTHONHASHSEED := 0
 
-.PHONY: venv book test test-unit test-notebooks execute timing claims assets links check-links bench check-site clean help
+.PHONY: venv book test test-unit test-notebooks execute timing claims assets links check-links bench site check-site clean help
 
 help:
 	@echo "make book      create .venv, execute every notebook (two at a time), render _build/html (-W -n)"
@@ -19,6 +19,7 @@ help:
 	@echo "make assets    retrain the checkpoint assets of mini/checkpoints (commit them)"
 	@echo "make links     regenerate Colab badges and %pip lines from _config.yml's repository"
 	@echo "make bench     run bench/ (GPU figures only on a CUDA machine)"
+	@echo "make site      build the site as .github/workflows/site.yml deploys it (committed outputs, -W -n)"
 	@echo "make check-site  build the site (committed outputs), check every page in headless Chromium"
 
 venv:
@@ -77,11 +78,18 @@ bench: venv
 	$(BIN)/python bench/qgalore_update.py
 	$(BIN)/python bench/sltrain_layer.py
 
+# The site exactly as .github/workflows/site.yml builds and deploys it to GitHub Pages: the
+# committed notebooks as they are (no execution), warnings as errors (-W -n), into _build/html.
+site: venv
+	$(BIN)/python tools/build_site.py
+	@echo ">> site: _build/html/index.html (what the site workflow deploys)"
+
 # Every page of the built site in headless Chromium at 1400 px (tools/check_site.py): code
 # cells that scroll, unrendered tables and math, links and anchors, numbering, images, console
 # errors. Not part of make test. Installs what it needs: Debian's chromium, Playwright
 # (requirements-site.txt) and MathJax 3 (npm, answering the CDN's requests offline; without it
-# math is checked statically). Options: make check-site CHECK_SITE_ARGS="--max-scroll 5".
+# math is checked statically). Options: make check-site CHECK_SITE_ARGS="--max-scroll 5";
+# SITE_BUILT=1 checks the _build/html that `make site` left instead of building it again.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SITE_TOOLS := _build/check_site
 MATHJAX_VERSION := 3.2.2
@@ -96,7 +104,7 @@ check-site: venv
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q npm; }; } && \
 	  mkdir -p $(SITE_TOOLS) && npm install -q --prefix $(SITE_TOOLS) --no-save --no-audit --no-fund \
 	    mathjax@$(MATHJAX_VERSION); } || echo ">> no MathJax: math is checked statically"
-	$(BIN)/python tools/build_site.py
+	@[ -n "$(SITE_BUILT)" ] || $(MAKE) --no-print-directory site
 	$(BIN)/python tools/check_site.py $(CHECK_SITE_ARGS)
 
 clean:

@@ -44,8 +44,8 @@ def table(
     """
     try:
         import pandas as pd
-    except ImportError as err:  # pragma: no cover - pandas ships with mini[labs]
-        raise ImportError("mini.table needs pandas: pip install 'mini[labs]'") from err
+    except ImportError as err:  # pragma: no cover - pandas ships with mini-book[labs]
+        raise ImportError("mini.table needs pandas: pip install 'mini-book[labs]'") from err
     if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or not rows:
         raise ValueError(f"rows must be a non-empty sequence of mappings, got {rows!r:.80}")
     columns: list[str] = []

@@ -70,4 +70,4 @@ def test_the_labs_install_line_names_the_labs_extra():
     sys.path.insert(0, str(ROOT / "tools"))
     import repo_links
 
-    assert "mini[labs] @ " in repo_links.pip_line(ROOT)
+    assert f"{PYPROJECT['name']}[labs] @ " in repo_links.pip_line(ROOT)

@@ -3,9 +3,15 @@
 The one setting is ``repository.url`` and ``repository.branch`` in ``_config.yml``. From it come:
 
 - each lab's "Open in Colab" badge, which must point at the notebook's own path on that branch;
-- the ``%pip install "mini[labs] @ git+URL@BRANCH"`` line in each lab's and each notebook
-  chapter's first code cell (the ``labs``
-  extra of pyproject.toml declares what the notebooks import beyond mini's core);
+- the ``%pip install "mini-book[labs] @ git+URL@BRANCH"`` line in each lab's and each notebook
+  chapter's first code cell (``mini-book`` is pyproject.toml's distribution name, the import
+  name stays ``mini``; the ``labs`` extra declares what the notebooks import beyond the core).
+  It installs from the repository, not the package index, so that a lab always gets the
+  library of the branch it was opened from, published or not;
+- the site's address, ``https://OWNER.github.io/NAME/`` (GitHub Pages, deployed by
+  ``.github/workflows/site.yml``): the "Read online" links of README.md and book/intro.md
+  (required there) and any other link into the site;
+- pyproject.toml's ``[project.urls]`` (Homepage = the site, Source, Issues, Changelog);
 - the Colab links and the install line in README.md and in the book's Markdown pages;
 - Jupyter Book's launch buttons (read by Jupyter Book itself from the same section).
 
@@ -20,6 +26,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +35,14 @@ COLAB_RE = re.compile(
     r"(?P<path>[^\s)\"']+\.ipynb)"
 )
 PIP_RE = re.compile(r"git\+https://[^\s\"'@]+(?:@[^\s\"']+)?")
+# The distribution name in front of a git install target: `NAME[extras] @ git+https://...`
+PIP_NAME_RE = re.compile(r"(?<![\w.-])[A-Za-z0-9][A-Za-z0-9._-]*(?=(?:\[[^\]\s]*\])? @ git\+https://)")
+# The book's own address: the "Read online ... <URL>" link and the citation's `url = {...}` on
+# github.io. Other projects' github.io pages (papers' sites) are left alone.
+SITE_LINK_RE = re.compile(r"(?P<pre>Read online\b[^<\n]*<)https://[^>\s]+(?P<post>>)")
+CITE_URL_RE = re.compile(r"(?P<pre>^\s*url\s*=\s*\{)https://[^}\s]+\.github\.io/[^}\s]*(?P<post>\})", re.MULTILINE)
+# The pages that must carry the "Read online" link
+SITE_PAGES = ("README.md", "book/intro.md")
 BADGE_IMG = "https://colab.research.google.com/assets/colab-badge.svg"
 
 
@@ -52,18 +67,61 @@ def badge(path: str, root: Path = ROOT) -> str:
     return f"[![Open In Colab]({BADGE_IMG})]({colab_url(path, root)})"
 
 
+def dist_name(root: Path = ROOT) -> str:
+    """The distribution name of pyproject.toml (what ``pip install`` takes; the import is ``mini``).
+
+    A root without its own pyproject.toml (a partial copy, as the tests make) uses this
+    repository's.
+    """
+    path = root / "pyproject.toml" if (root / "pyproject.toml").exists() else ROOT / "pyproject.toml"
+    return tomllib.loads(path.read_text())["project"]["name"]
+
+
+def site_url(root: Path = ROOT) -> str:
+    """The GitHub Pages address of the book: ``https://OWNER.github.io/NAME/``.
+
+    Pages serves a project site under the repository's name on the owner's lower-case host;
+    a repository named ``OWNER.github.io`` is the owner's root site.
+    """
+    _, _, slug = repository(root)
+    owner, name = slug.split("/")
+    host = f"{owner.lower()}.github.io"
+    return f"https://{host}/" if name.lower() == host else f"https://{host}/{name}/"
+
+
+def project_urls(root: Path = ROOT) -> dict[str, str]:
+    """pyproject.toml's [project.urls], as they follow from the repository setting."""
+    url, branch, _ = repository(root)
+    return {"Homepage": site_url(root), "Source": url, "Issues": f"{url}/issues",
+            "Changelog": f"{url}/blob/{branch}/CHANGELOG.md"}
+
+
 def pip_target(root: Path = ROOT) -> str:
     url, branch, _ = repository(root)
     return f"git+{url}@{branch}"
 
 
 def pip_line(root: Path = ROOT) -> str:
-    return f'%pip install -q "mini[labs] @ {pip_target(root)}"'
+    return f'%pip install -q "{dist_name(root)}[labs] @ {pip_target(root)}"'
 
 
 def _fix_text(text: str, root: Path, own_path: str | None) -> str:
     text = COLAB_RE.sub(lambda m: colab_url(own_path or m.group("path"), root), text)
+    text = PIP_NAME_RE.sub(dist_name(root), text)
     return PIP_RE.sub(pip_target(root), text)
+
+
+def _fix_site_links(text: str, root: Path) -> str:
+    """The "Read online" links and the citation's url, from the repository setting."""
+    for pattern in (SITE_LINK_RE, CITE_URL_RE):
+        text = pattern.sub(lambda m: m["pre"] + site_url(root) + m["post"], text)
+    return text
+
+
+def _fix_project_urls(text: str, root: Path) -> str:
+    for key, value in project_urls(root).items():
+        text = re.sub(rf'(?m)^{key} = "[^"]*"$', f'{key} = "{value}"', text)
+    return text
 
 
 def lab_notebooks(root: Path = ROOT) -> list[Path]:
@@ -103,11 +161,26 @@ def problems(root: Path = ROOT, write: bool = False) -> list[str]:
         if not page.exists():
             continue
         text = page.read_text()
-        new = _fix_text(text, root, None)
+        new = _fix_site_links(_fix_text(text, root, None), root)
         if new != text:
             found.append(f"{page.relative_to(root)}: a link disagrees with _config.yml")
             if write:
                 page.write_text(new)
+                text = new
+        rel = page.relative_to(root).as_posix()
+        if rel in SITE_PAGES and site_url(root) not in text:
+            found.append(f"{rel}: no \"Read online\" link to {site_url(root)}")
+    pyproject = root / "pyproject.toml"
+    if not pyproject.exists():
+        return found
+    text = pyproject.read_text()
+    urls = tomllib.loads(text)["project"].get("urls") or {}
+    for key, value in project_urls(root).items():
+        if urls.get(key) != value:
+            found.append(f"pyproject.toml: [project.urls] {key} = {urls.get(key)!r}, expected {value!r}")
+    new = _fix_project_urls(text, root)
+    if write and new != text:
+        pyproject.write_text(new)
     return found
 
 

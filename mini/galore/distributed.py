@@ -46,8 +46,8 @@ the condition number, so directions with σ_i² below ε·σ_1² are not resolve
 Bytes are counted as the payload each rank all-reduces (numel × element size); a ring all-reduce
 sends about 2(K − 1)/K times that per rank, for both schemes alike.
 
-What is supported
------------------
+Which optimizers each mode supports
+-----------------------------------
 Per optimizer and distributed mode (standard DDP, which all-reduces full gradients, works with
 every optimizer: each rank steps on the same averaged gradient)::
 

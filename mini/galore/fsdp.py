@@ -55,8 +55,8 @@ bitwise: the state is copied exactly, the basis comes from ``eigh`` of the all-r
 (deterministic, no random number generator involved), and the projector's step counter and SVD
 count are restored, so a subspace update after the resume happens at the same step.
 
-What is supported
------------------
+What FSDP2 GaLore supports
+--------------------------
 ========================  ==========================================================
 optimizer                 FSDP2 (this module)
 ========================  ==========================================================
@@ -150,7 +150,7 @@ class FSDPGaLoreAdamW(GaLoreAdamW):
     each local shard. Same arguments as :class:`~mini.galore.adamw.GaLoreAdamW`.
 
     Subclasses with 8-bit block-wise moments or Q-GaLore's projector are refused with a TypeError
-    (see "What is supported" in the module docstring).
+    (see "What FSDP2 GaLore supports" in the module docstring).
 
     Explained in :doc:`/book/galore/theory`.
     """
