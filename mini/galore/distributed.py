@@ -51,11 +51,11 @@ Which optimizers each mode supports
 Per optimizer and distributed mode (standard DDP, which all-reduces full gradients, works with
 every optimizer: each rank steps on the same averaged gradient)::
 
-    optimizer          subspace DDP (here)   FSDP2 (mini.galore.fsdp)   per-layer accumulation
-    GaLoreAdamW        yes                   yes (FSDPGaLoreAdamW)      yes
-    GaLoreAdamW8bit    yes (tested)          refused, TypeError         refused, TypeError
-    QGaLoreAdamW       refused, TypeError    refused, TypeError         yes (tested)
-    QGaLoreAdamW8bit   refused, TypeError    refused, TypeError         refused, TypeError
+    optimizer          subspace DDP (here)  FSDP2 (mini.galore.fsdp)  per-layer accumulation
+    GaLoreAdamW        yes                  yes (FSDPGaLoreAdamW)     yes
+    GaLoreAdamW8bit    yes (tested)         refused, TypeError        refused, TypeError
+    QGaLoreAdamW       refused, TypeError   refused, TypeError        yes (tested)
+    QGaLoreAdamW8bit   refused, TypeError   refused, TypeError        refused, TypeError
 
 8-bit moments under subspace DDP: every rank receives the same averaged projection and quantises
 it identically (the trajectory equals the single-process 8-bit run to 2e-16, the same codes).

@@ -13,6 +13,11 @@ First used by Part II, GaLore chapter (``book/galore/``); later LLM chapters reu
   stable rank during training (the GaLore chapter's "gradients become low rank").
 - :mod:`mini.lm.lowrank`: replacing linear layers: the low-rank baseline ``W = B A``, LoRA
   (through ``peft``) and the converter :func:`~mini.lm.lowrank.replace_linears` that SLTrain uses.
+- :mod:`mini.lm.kvcache`: our own forward over a transformers Llama/Qwen2 model's weights with
+  the KV cache as an explicit object (chunked prefill, subset attention, attention scores) and
+  the fixed-budget cache policies (StreamingLLM, H2O, top-M) that Part III compares.
+- :mod:`mini.lm.longctx`: synthetic long-context tasks a tiny LM learns in a minute and that
+  need the whole context (needle retrieval, majority vote, a per-document topic language).
 - :mod:`mini.lm.memory`: the analytic memory estimator (Adam, 8-bit Adam, LoRA, low-rank,
   GaLore, 8-bit GaLore, Q-GaLore) behind the chapter's tables.
 
@@ -47,6 +52,29 @@ from mini.lm.data import (
     split_documents,
     synthetic_lm_data,
 )
+from mini.lm.kvcache import (
+    H2O,
+    CachePolicy,
+    ExplicitLM,
+    FullCache,
+    KVCache,
+    LayerCache,
+    LMOutput,
+    Rotary,
+    StreamingLLM,
+    TopLatest,
+)
+from mini.lm.longctx import (
+    IGNORE_INDEX,
+    LongContextVocab,
+    MajorityTask,
+    NeedleTask,
+    TaskBatch,
+    TopicTask,
+    task_loss,
+    train_task_lm,
+)
+from mini.lm.longctx import evaluate as evaluate_task
 from mini.lm.lowrank import (
     DEFAULT_PATTERNS,
     ConversionReport,
@@ -95,6 +123,12 @@ __all__ = [
     "singular_values", "stable_rank", "GradientSpectrumRecorder",
     "LowRankLinear", "ConversionReport", "replace_linears", "to_low_rank", "apply_lora",
     "DEFAULT_PATTERNS",
+    # explicit KV cache and its policies (Part III)
+    "ExplicitLM", "KVCache", "LayerCache", "LMOutput", "CachePolicy", "FullCache",
+    "StreamingLLM", "H2O", "TopLatest", "Rotary",
+    # long-context tasks (Part III)
+    "LongContextVocab", "NeedleTask", "MajorityTask", "TopicTask", "TaskBatch", "evaluate_task",
+    "task_loss", "train_task_lm", "IGNORE_INDEX",
     # memory
     "METHODS", "DEFAULT_RANKS", "GB", "TensorMemory", "MemoryReport", "tensor_breakdown",
     "estimate_memory", "memory_table", "format_memory_table",
