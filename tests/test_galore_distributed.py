@@ -5,7 +5,7 @@ The reference is a single-process GaLoreAdamW run on the concatenated batch (mea
 from __future__ import annotations
 
 import datetime
-import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ from mini.galore.distributed import (
     back_project_unscaled,
     right_singular_basis_from_shards,
 )
-from mini.galore.twoproc import spawn_gloo
+from mini.galore.twoproc import data, mlp, spawn_gloo, train_steps
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
@@ -30,14 +30,6 @@ _PROJ_TYPES = ("std", "reverse_std", "full")  # std/reverse_std put each matrix 
 _WORLD = 2
 
 
-def _mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 24)).double()  # W1 (48, 32), W2 (24, 48)
-
-
-def _data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(n, 32, generator=gen, dtype=torch.float64), torch.randn(n, 24, generator=gen, dtype=torch.float64)
 
 
 def _optimizer(model: nn.Sequential, proj_type: str) -> GaLoreAdamW:
@@ -72,34 +64,22 @@ def _worker(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=_WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        X, Y = _data()
+        X, Y = data(16)
         half = X.shape[0] // _WORLD
         Xr, Yr = X[rank * half:(rank + 1) * half], Y[rank * half:(rank + 1) * half]  # this rank's half
         result: dict = {}
         for proj_type in _PROJ_TYPES:
-            model = _mlp()
+            model = mlp()
             opt = _optimizer(model, proj_type)
             stats = CommStats()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for _ in range(_STEPS):
-                    opt.zero_grad()
-                    ((model(Xr) - Yr) ** 2).mean().backward()
-                    allreduce_gradients_(opt, stats)
-                    opt.step()
+            train_steps(model, opt, Xr, Yr, _STEPS, partial(allreduce_gradients_, opt, stats))
             result[proj_type] = {
                 "params": [p.detach().clone() for p in model.parameters()],
                 "sent": stats.sent, "full": stats.full, "update_steps": stats.update_steps, "n_svd": opt.n_svd(),
             }
-        model = _mlp()  # 8-bit GaLore: a deterministic function of the (identical) averaged gradient
+        model = mlp()  # 8-bit GaLore: a deterministic function of the (identical) averaged gradient
         opt = _optimizer_8bit(model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(_STEPS):
-                opt.zero_grad()
-                ((model(Xr) - Yr) ** 2).mean().backward()
-                allreduce_gradients_(opt)
-                opt.step()
+        train_steps(model, opt, Xr, Yr, _STEPS, partial(allreduce_gradients_, opt))
         result["8bit"] = {"params": [p.detach().clone() for p in model.parameters()],
                           "codes": opt.state[model[0].weight]["exp_avg"].clone()}
         G = _gram_matrix()
@@ -116,15 +96,10 @@ def _run_two_processes(tmp_path, timeout: float = 90.0) -> list[dict]:
 
 
 def _reference(proj_type: str) -> tuple[list[torch.Tensor], int]:
-    model = _mlp()
+    model = mlp()
     opt = _optimizer(model, proj_type)
-    X, Y = _data()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(_STEPS):
-            opt.zero_grad()
-            ((model(X) - Y) ** 2).mean().backward()
-            opt.step()
+    X, Y = data(16)
+    train_steps(model, opt, X, Y, _STEPS)
     return [p.detach() for p in model.parameters()], opt.n_svd()
 
 
@@ -199,15 +174,10 @@ def test_back_projection_is_recovered_by_the_projection(proj_type, shape):
 
 def test_8bit_galore_under_subspace_ddp_equals_single_process(two_process_results):
     """GaLoreAdamW8bit is supported: every rank quantises the same averaged projection."""
-    model = _mlp()
+    model = mlp()
     opt = _optimizer_8bit(model)
-    X, Y = _data()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(_STEPS):
-            opt.zero_grad()
-            ((model(X) - Y) ** 2).mean().backward()
-            opt.step()
+    X, Y = data(16)
+    train_steps(model, opt, X, Y, _STEPS)
     assert opt.state[model[0].weight]["exp_avg"].dtype == torch.uint8  # really 8-bit
     for res in two_process_results:
         err = max((a - b).abs().max().item() for a, b in zip(res["8bit"]["params"], model.parameters()))
@@ -220,7 +190,7 @@ def test_8bit_galore_under_subspace_ddp_equals_single_process(two_process_result
 
 # ----------------------------------------------------------------------------- bad input
 def test_allreduce_rejects_other_optimizers_and_quantized_projectors(tmp_path):
-    model = _mlp()
+    model = mlp()
     with pytest.raises(TypeError, match="optimizer must be a mini.galore GaLoreAdamW.*SGD"):
         allreduce_gradients_(torch.optim.SGD(model.parameters(), lr=0.1))
     qgalore = pytest.importorskip("mini.qgalore.optimizer")
@@ -237,15 +207,15 @@ def test_allreduce_rejects_other_optimizers_and_quantized_projectors(tmp_path):
 def test_allreduce_needs_an_initialized_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="not initialized.*init_process_group"):
-        allreduce_gradients_(_optimizer(_mlp(), "std"))
+        allreduce_gradients_(_optimizer(mlp(), "std"))
 
 
 def test_allreduce_single_rank_group_is_a_mean_over_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg1'}", rank=0, world_size=1)
     try:
-        model = _mlp()
+        model = mlp()
         opt = _optimizer(model, "std")
-        X, Y = _data()
+        X, Y = data(16)
         ((model(X) - Y) ** 2).mean().backward()
         grads = [p.grad.clone() for p in model.parameters()]
         sent, full = allreduce_gradients_(opt)

@@ -8,7 +8,6 @@ GaLoreAdamW is the reference (the rotation cancels the signs).
 from __future__ import annotations
 
 import datetime
-import warnings
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mini.galore import GaLoreAdamW, GaLoreProjector
-from mini.galore.twoproc import spawn_gloo
+from mini.galore.twoproc import data, mlp, spawn_gloo, train_steps
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable"
@@ -29,17 +28,10 @@ FSDPGaLoreAdamW, canonical_signs, local_state_bytes = (
 _STEPS, _RANK, _GAP = 12, 4, 5  # subspace updates at steps 0, 5 and 10
 _WORLD = 2
 _CONFIGS = (False, True)  # project_moments
+# twoproc's MLP: W1 (48, 32) has m >= n, where "std" picks the right side too; W2 (24, 48) has
+# m < n, forced to the right side (reverse_std)
 
 
-def _mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    # W1 (48, 32): m >= n, "std" would pick the right side too; W2 (24, 48): m < n, forced right = reverse_std
-    return nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 24)).double()
-
-
-def _data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(n, 32, generator=gen, dtype=torch.float64), torch.randn(n, 24, generator=gen, dtype=torch.float64)
 
 
 def _groups(model: nn.Sequential, project_moments: bool, proj_type: str | None = None) -> list[dict]:
@@ -62,31 +54,32 @@ class _CanonicalGaLoreAdamW(GaLoreAdamW):
     projector_class = _CanonicalProjector
 
 
+def _shard(model: nn.Sequential, mesh) -> None:
+    """FSDP2 on each linear layer, then on the whole model (rows of every weight split over ranks)."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def _worker(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=_WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (_WORLD,))
-        X, Y = _data()
+        X, Y = data(16)
         half = X.shape[0] // _WORLD
         Xr, Yr = X[rank * half:(rank + 1) * half], Y[rank * half:(rank + 1) * half]  # this rank's half
         result: dict = {}
         for project_moments in _CONFIGS:
-            model = _mlp()
-            fully_shard(model[0], mesh=mesh)
-            fully_shard(model[2], mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            model = mlp()
+            _shard(model, mesh)
             opt = FSDPGaLoreAdamW(_groups(model, project_moments), lr=1e-2, weight_decay=0.01)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for _ in range(_STEPS):
-                    opt.zero_grad()
-                    ((model(Xr) - Yr) ** 2).mean().backward()  # FSDP2 reduce-scatters the mean gradient
-                    opt.step()
+            train_steps(model, opt, Xr, Yr, _STEPS)  # FSDP2 reduce-scatters the mean gradient
             result[project_moments] = {
                 "params": [p.full_tensor().detach().clone() for p in model.parameters()],
                 "local_shapes": [tuple(p.to_local().shape) for p in model.parameters()],
@@ -104,16 +97,11 @@ def _run_two_processes(tmp_path, timeout: float = 90.0) -> list[dict]:
 
 
 def _reference(project_moments: bool) -> tuple[list[torch.Tensor], int, int]:
-    model = _mlp()
+    model = mlp()
     cls = GaLoreAdamW if project_moments else _CanonicalGaLoreAdamW
     opt = cls(_groups(model, project_moments, proj_type="right"), lr=1e-2, weight_decay=0.01)
-    X, Y = _data()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(_STEPS):
-            opt.zero_grad()
-            ((model(X) - Y) ** 2).mean().backward()
-            opt.step()
+    X, Y = data(16)
+    train_steps(model, opt, X, Y, _STEPS)
     return [p.detach() for p in model.parameters()], opt.n_svd(), local_state_bytes(opt)
 
 
@@ -223,15 +211,6 @@ except ImportError:  # older torch: fully_shard lives elsewhere or not at all
 _needs_fsdp2 = pytest.mark.skipif(not _HAS_FSDP2, reason="torch.distributed.fsdp.fully_shard is unavailable")
 
 
-def _train_steps(model, opt, x, y, steps: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(steps):
-            opt.zero_grad()
-            ((model(x) - y) ** 2).mean().backward()
-            opt.step()
-
-
 def _resume_worker(rank: int, init: str, out: str) -> None:
     """Uninterrupted 12 steps vs 7 steps, DCP save, fresh model + optimizer, DCP load, 5 more steps."""
     from pathlib import Path
@@ -241,28 +220,25 @@ def _resume_worker(rank: int, init: str, out: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (_WORLD,))
-        X, Y = _data()
+        X, Y = data(16)
         half = X.shape[0] // _WORLD
         Xr, Yr = X[rank * half:(rank + 1) * half], Y[rank * half:(rank + 1) * half]
 
         def build(project_moments: bool):
-            model = _mlp()
-            fully_shard(model[0], mesh=mesh)
-            fully_shard(model[2], mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            model = mlp()
+            _shard(model, mesh)
             return model, FSDPGaLoreAdamW(_groups(model, project_moments), lr=1e-2, weight_decay=0.01)
 
         result: dict = {}
         for project_moments in _CONFIGS:
             model, opt = build(project_moments)
-            _train_steps(model, opt, Xr, Yr, _STEPS)
+            train_steps(model, opt, Xr, Yr, _STEPS)
             straight = [p.full_tensor().detach().clone() for p in model.parameters()]
 
             model, opt = build(project_moments)
-            _train_steps(model, opt, Xr, Yr, _SAVE_AT)
+            train_steps(model, opt, Xr, Yr, _SAVE_AT)
             ckpt = Path(out).parent / f"ckpt_{project_moments}"
             fsdp_mod.save_checkpoint(model, opt, ckpt)
             del model, opt
@@ -271,7 +247,7 @@ def _resume_worker(rank: int, init: str, out: str) -> None:
             assert not opt.state
             fsdp_mod.load_checkpoint(model, opt, ckpt)
             svd_after_load = opt.n_svd()
-            _train_steps(model, opt, Xr, Yr, _STEPS - _SAVE_AT)
+            train_steps(model, opt, Xr, Yr, _STEPS - _SAVE_AT)
             result[project_moments] = {
                 "straight": straight,
                 "resumed": [p.full_tensor().detach().clone() for p in model.parameters()],
@@ -302,13 +278,13 @@ def test_dcp_checkpoint_resumes_bitwise_across_a_subspace_update():
 def test_checkpoint_round_trip_one_rank_and_bad_input(one_rank_mesh, tmp_path):
     from torch.distributed.fsdp import fully_shard
 
-    model = _mlp()
+    model = mlp()
     fully_shard(model, mesh=one_rank_mesh)
     opt = FSDPGaLoreAdamW(_groups(model, False), lr=1e-2)
-    X, Y = _data()
-    _train_steps(model, opt, X, Y, 2)
+    X, Y = data(16)
+    train_steps(model, opt, X, Y, 2)
     fsdp_mod.save_checkpoint(model, opt, tmp_path / "ck")
-    fresh = _mlp()
+    fresh = mlp()
     fully_shard(fresh, mesh=one_rank_mesh)
     opt2 = FSDPGaLoreAdamW(_groups(fresh, False), lr=5.0)
     fsdp_mod.load_checkpoint(fresh, opt2, tmp_path / "ck")
@@ -322,7 +298,7 @@ def test_checkpoint_round_trip_one_rank_and_bad_input(one_rank_mesh, tmp_path):
     assert opt2.state[w]["projector"].n_svd == 1 and opt2.state[w]["step"] == 2
 
     with pytest.raises(TypeError, match="optimizer must be an FSDPGaLoreAdamW, got GaLoreAdamW"):
-        fsdp_mod.save_checkpoint(model, GaLoreAdamW(_mlp().parameters()), tmp_path / "x")
+        fsdp_mod.save_checkpoint(model, GaLoreAdamW(mlp().parameters()), tmp_path / "x")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module.*got list"):
         fsdp_mod.save_checkpoint([], opt, tmp_path / "x")
     with pytest.raises(TypeError, match="path must be a str or os.PathLike.*got int"):

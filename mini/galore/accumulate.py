@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 
 from .adamw import GaLoreAdamW
-from .layerwise import LayerwiseHandle, _split
+from .layerwise import LayerwiseHandle, _per_parameter
 
 __all__ = ["AccumulatingHandle", "attach_accumulating_updates", "check_accumulation_steps"]
 
@@ -293,17 +293,6 @@ def attach_accumulating_updates(
             "non-GaLore optimizer is not supported (put plain parameters in a group without 'rank')"
         )
     optimizer_class = _check_optimizer_class(optimizer_class)
-    params: list[Tensor] = []
-    optimizers: list[GaLoreAdamW] = []
-    seen: set[int] = set()
-    for group in _split(model_or_params):
-        options = {k: v for k, v in group.items() if k != "params"}
-        for p in group["params"]:
-            if id(p) in seen:
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} appears twice in model_or_params")
-            seen.add(id(p))
-            params.append(p)
-            optimizers.append(optimizer_class([{"params": [p], **options}], **optimizer_kwargs))
-    if not params:
-        raise ValueError("model_or_params has no parameter that requires grad")
+    params, optimizers = _per_parameter(
+        model_or_params, lambda groups: optimizer_class(groups, **optimizer_kwargs))
     return AccumulatingHandle(params, optimizers, accumulation_steps, track_memory)

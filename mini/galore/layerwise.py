@@ -134,6 +134,32 @@ class LayerwiseHandle:
         return sum(opt.n_svd() for opt in self.optimizers if hasattr(opt, "n_svd"))
 
 
+def _per_parameter(
+    model_or_params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+    make: OptimizerFactory,
+) -> tuple[list[Tensor], list[torch.optim.Optimizer]]:
+    """One optimizer per parameter, built by ``make`` from the parameter's group options.
+
+    Shared by the per-layer handles (:func:`attach_layerwise_updates` and
+    :func:`mini.galore.accumulate.attach_accumulating_updates`); refuses a parameter listed twice
+    and an empty parameter list.
+    """
+    params: list[Tensor] = []
+    optimizers: list[torch.optim.Optimizer] = []
+    seen: set[int] = set()
+    for group in _split(model_or_params):
+        options = {k: v for k, v in group.items() if k != "params"}
+        for p in group["params"]:
+            if id(p) in seen:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} appears twice in model_or_params")
+            seen.add(id(p))
+            params.append(p)
+            optimizers.append(make([{"params": [p], **options}]))
+    if not params:
+        raise ValueError("model_or_params has no parameter that requires grad")
+    return params, optimizers
+
+
 def _split(model_or_params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One group (options, params) list from a module, a parameter list or param groups."""
     if isinstance(model_or_params, nn.Module):
@@ -188,17 +214,5 @@ def attach_layerwise_updates(
 
     elif optimizer_kwargs:
         raise TypeError(f"pass optimizer options either to optimizer_factory or as keywords, not both: {sorted(optimizer_kwargs)}")
-    params: list[Tensor] = []
-    optimizers: list[torch.optim.Optimizer] = []
-    seen: set[int] = set()
-    for group in _split(model_or_params):
-        options = {k: v for k, v in group.items() if k != "params"}
-        for p in group["params"]:
-            if id(p) in seen:
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} appears twice in model_or_params")
-            seen.add(id(p))
-            params.append(p)
-            optimizers.append(optimizer_factory([{"params": [p], **options}]))
-    if not params:
-        raise ValueError("model_or_params has no parameter that requires grad")
+    params, optimizers = _per_parameter(model_or_params, optimizer_factory)
     return LayerwiseHandle(params, optimizers, track_memory)

@@ -28,7 +28,8 @@ from torch import nn
 
 from .adamw import GaLoreAdamW
 
-__all__ = ["TwoProcConfig", "data", "mlp", "param_groups", "run_two_processes", "single_process", "spawn_gloo"]
+__all__ = ["TwoProcConfig", "data", "mlp", "param_groups", "run_two_processes", "single_process", "spawn_gloo",
+           "train_steps"]
 
 WORLD = 2
 
@@ -82,7 +83,15 @@ def param_groups(model: nn.Sequential, cfg: TwoProcConfig, **projected: Any) -> 
     return [{"params": [model[0].bias, model[2].bias]}, group]
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, x, y, steps: int, sync=None) -> None:
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                steps: int, sync: Callable[[], Any] | None = None) -> None:
+    """``steps`` steps of the mean squared error on ``(x, y)``; ``sync`` runs between backward and step.
+
+    ``sync`` is where a data-parallel run communicates (a full all-reduce, or
+    :func:`~mini.galore.distributed.allreduce_gradients_`). GaLore's warnings are silenced.
+
+    Explained in :doc:`/labs/galore/distributed`.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(steps):
@@ -103,7 +112,7 @@ def single_process(cfg: TwoProcConfig, **projected: Any) -> tuple[list[torch.Ten
     model = mlp()
     opt = GaLoreAdamW(param_groups(model, cfg, **projected), lr=cfg.lr, weight_decay=0.01)
     x, y = data(cfg.batch)
-    _train(model, opt, x, y, cfg.steps)
+    train_steps(model, opt, x, y, cfg.steps)
     return [p.detach().clone() for p in model.parameters()], local_state_bytes(opt)
 
 
@@ -137,7 +146,7 @@ def _worker(rank: int, init: str, out: str, cfg_dict: dict) -> None:
                 n += p.grad.numel() * p.grad.element_size()
             sent.append(n)
 
-        _train(model, opt, xr, yr, cfg.steps, full_allreduce)
+        train_steps(model, opt, xr, yr, cfg.steps, full_allreduce)
         result["standard"] = {"params": [p.detach().clone() for p in model.parameters()],
                               "sent": sent}
 
@@ -145,7 +154,7 @@ def _worker(rank: int, init: str, out: str, cfg_dict: dict) -> None:
         model = mlp()
         opt = GaLoreAdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=0.01)
         stats = CommStats()
-        _train(model, opt, xr, yr, cfg.steps, lambda: allreduce_gradients_(opt, stats))
+        train_steps(model, opt, xr, yr, cfg.steps, lambda: allreduce_gradients_(opt, stats))
         result["subspace"] = {"params": [p.detach().clone() for p in model.parameters()],
                               "sent": stats.sent, "full": stats.full}
 
@@ -157,7 +166,7 @@ def _worker(rank: int, init: str, out: str, cfg_dict: dict) -> None:
         fully_shard(model, mesh=mesh)
         opt = FSDPGaLoreAdamW(param_groups(model, cfg, project_moments=True), lr=cfg.lr,
                               weight_decay=0.01)
-        _train(model, opt, xr, yr, cfg.steps)
+        train_steps(model, opt, xr, yr, cfg.steps)
         result["fsdp"] = {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
                           "state_bytes": local_state_bytes(opt)}
         torch.save(result, f"{out}.{rank}")
