@@ -21,6 +21,12 @@ mean/min/max, settings, wall time, versions); about 15 minutes on one core.
 
     MINI_THREADS=1 OMP_NUM_THREADS=1 python bench/lococo_grid.py            # the full grid
     MINI_THREADS=1 OMP_NUM_THREADS=1 python bench/lococo_grid.py --quick    # seconds, checks the script
+    MINI_THREADS=1 OMP_NUM_THREADS=1 python bench/lococo_grid.py --default-setting  # about 2 minutes
+
+``--default-setting`` checks the lab's own default run (M = 32, 150 training steps, 128 needle
+examples) over seeds 0, 1, 2 through :func:`mini.lococo.compare_policies`, the call the lab
+makes, and writes ``bench/results/lococo_default_seeds.json``: the range the lab's default claim
+is asserted against.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from mini.assets import load_asset
 from mini.kernels import bench
 from mini.lm.kvcache import H2O, ExplicitLM, StreamingLLM, TopLatest
 from mini.lm.longctx import MajorityTask, NeedleTask
-from mini.lococo import LoCoCo, evaluate_policy, train_compressor
+from mini.lococo import LoCoCo, compare_policies, evaluate_policy, train_compressor
 
 POLICIES = ("full", "StreamingLLM", "H2O", "TopLatest", "LoCoCo untrained", "LoCoCo trained",
             "uniform trained")
@@ -64,11 +70,37 @@ def trained(lm: ExplicitLM, budget: int, task: Any, *, seed: int, steps: int, mi
     return policy, out
 
 
+def default_setting() -> None:
+    """The lab's default run on needle (M = 32, 150 steps, 128 examples) over seeds 0, 1, 2."""
+    t0 = time.perf_counter()
+    lm = ExplicitLM.from_hf(load_asset("longctx-lm").eval())
+    settings = {"budget": 32, "steps": 150, "n_examples": 128, "seeds": [0, 1, 2]}
+    rows = {"TopLatest": [], "LoCoCo trained": []}
+    for s in settings["seeds"]:
+        acc, _ = compare_policies(lm, NeedleTask(512), settings["budget"],
+                                  train_task=NeedleTask(512, n_queries=8), steps=settings["steps"],
+                                  seed=s, n_examples=settings["n_examples"], policies=tuple(rows))
+        for p, values in rows.items():
+            values.append(acc[p])
+        print(f"seed {s}: " + ", ".join(f"{p} {acc[p]:.3f}" for p in rows), flush=True)
+    gap = [a - b for a, b in zip(rows["LoCoCo trained"], rows["TopLatest"])]
+    record = {"settings": settings, "needle": {p: summary(v) for p, v in rows.items()},
+              "needle_gap": summary(gap), "seconds": time.perf_counter() - t0,
+              "versions": mini.versions()}
+    path = bench.write_result("lococo_default_seeds", record, device="cpu")
+    print(f"wrote {path}: LoCoCo − TopLatest {min(gap):.3f} to {max(gap):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny setting (checks the script; writes lococo_grid_quick)")
+    ap.add_argument("--default-setting", action="store_true",
+                    help="only the lab's default run over seeds 0-2 (writes lococo_default_seeds)")
     args = ap.parse_args()
     mini.setup(seed=0, verbose=False)  # one thread
+    if args.default_setting:
+        default_setting()
+        return
     t_start = time.perf_counter()
     seeds = (0,) if args.quick else (0, 1, 2)
     steps, n_eval = (3, 32) if args.quick else (150, 256)
